@@ -1,0 +1,19 @@
+"""mmdetection v2.x `mask_rcnn_r50_fpn_2x_coco`: Mask R-CNN, COCO.
+
+Upstream: mmdetection v2.x configs/mask_rcnn/mask_rcnn_r50_fpn_2x_coco.py.
+ResNet-50-FPN, pytorch style (stride in the 3x3 conv), FrozenBN; RGB input, mean (123.675, 116.28,
+103.53), std (58.395, 57.12, 57.375).
+Schedule 2x (24 epochs), single-scale (1333, 800).
+Test: short side 800, long side <= 1333, pad to 32, as for every mmdet row.
+"""
+from maskrcnn_jax import config_lib
+
+
+def get_config():
+  config = config_lib.mask_rcnn(
+      convention="mmdet", depth=50, style="pytorch", pixel=config_lib.PYTORCH_RGB, schedule="2x",
+      upstream="mask_rcnn_r50_fpn_2x_coco")
+  config.published = config_lib.published(
+      box_ap=39.2, mask_ap=35.4,
+      url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_r50_fpn_2x_coco/mask_rcnn_r50_fpn_2x_coco_bbox_mAP-0.392__segm_mAP-0.354_20200505_003907-3e542a40.pth")  # noqa: E501
+  return config

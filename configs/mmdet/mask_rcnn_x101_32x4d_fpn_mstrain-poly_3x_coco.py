@@ -1,0 +1,21 @@
+"""mmdetection v2.x `mask_rcnn_x101_32x4d_fpn_mstrain-poly_3x_coco`: Mask R-CNN, COCO.
+
+Upstream: mmdetection v2.x configs/mask_rcnn/mask_rcnn_x101_32x4d_fpn_mstrain-poly_3x_coco.py.
+ResNeXt-101 32x4d-FPN, pytorch style (stride in the 3x3 conv), FrozenBN; RGB input, mean (123.675,
+116.28, 103.53), std (58.395, 57.12, 57.375).
+Schedule 3x (36 epochs), multi-scale training.
+Built on configs/common/mstrain-poly_3x_coco_instance.py (short side uniform in [640, 800]).
+Test: short side 800, long side <= 1333, pad to 32, as for every mmdet row.
+"""
+from maskrcnn_jax import config_lib
+
+
+def get_config():
+  config = config_lib.mask_rcnn(
+      convention="mmdet", depth=101, groups=32, width_per_group=4, style="pytorch",
+      pixel=config_lib.PYTORCH_RGB, schedule="3x", multiscale=True,
+      upstream="mask_rcnn_x101_32x4d_fpn_mstrain-poly_3x_coco")
+  config.published = config_lib.published(
+      box_ap=43.6, mask_ap=39.0,
+      url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_x101_32x4d_fpn_mstrain-poly_3x_coco/mask_rcnn_x101_32x4d_fpn_mstrain-poly_3x_coco_20210524_201410-abcd7859.pth")  # noqa: E501
+  return config

@@ -1,0 +1,26 @@
+"""mmdetection v2.x `mask_rcnn_x101_32x8d_fpn_mstrain-poly_3x_coco`: Mask R-CNN, COCO.
+
+Upstream: mmdetection v2.x configs/mask_rcnn/mask_rcnn_x101_32x8d_fpn_mstrain-poly_3x_coco.py.
+ResNeXt-101 32x8d-FPN, pytorch style (stride in the 3x3 conv), FrozenBN; BGR input, mean (103.53,
+116.28, 123.675), std (57.375, 57.12, 58.395).
+Schedule 3x (36 epochs), multi-scale training.
+Backbone from open-mmlab://detectron2/resnext101_32x8d, hence its BGR img_norm_cfg; style 'pytorch'.
+Training: polygon masks, short side from six values (multiscale_mode='value'), lr steps (28, 34) of
+36 epochs. The v2.x metafile gives only the box AP (44.3); the mask AP 39.5 is the README's (an
+older README said 44.0 / 39.3).
+Test: short side 800, long side <= 1333, pad to 32, as for every mmdet row.
+"""
+from maskrcnn_jax import config_lib
+
+
+def get_config():
+  config = config_lib.mask_rcnn(
+      convention="mmdet", depth=101, groups=32, width_per_group=8, style="pytorch",
+      pixel=config_lib.D2_FAIR_BGR, schedule="3x", multiscale=True,
+      upstream="mask_rcnn_x101_32x8d_fpn_mstrain-poly_3x_coco")
+  config.data.train_short = (640, 672, 704, 736, 768, 800)  # multiscale_mode='value'
+  config.data.train_short_mode = "choice"
+  config.published = config_lib.published(
+      box_ap=44.3, mask_ap=39.5,
+      url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_x101_32x8d_fpn_mstrain-poly_3x_coco/mask_rcnn_x101_32x8d_fpn_mstrain-poly_3x_coco_20210607_161042-8bd2c639.pth")  # noqa: E501
+  return config

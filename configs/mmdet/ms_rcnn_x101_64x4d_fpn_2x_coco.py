@@ -1,0 +1,22 @@
+"""mmdetection v2.x `ms_rcnn_x101_64x4d_fpn_2x_coco`: Mask Scoring R-CNN, COCO.
+
+Upstream: mmdetection v2.x configs/ms_rcnn/ms_rcnn_x101_64x4d_fpn_2x_coco.py.
+Mask Scoring R-CNN: the Mask R-CNN recipe plus the MaskIoU head (4 convs, 2 fc, 14x14 RoIs) whose
+predicted mask IoU rescales each detection's mask score.
+ResNeXt-101 64x4d-FPN, pytorch style (stride in the 3x3 conv), FrozenBN; RGB input, mean (123.675,
+116.28, 103.53), std (58.395, 57.12, 57.375).
+Schedule 2x (24 epochs), single-scale (1333, 800).
+Base: ms_rcnn_x101_64x4d_fpn_1x_coco, lr steps (16, 22) of 24 epochs.
+"""
+from maskrcnn_jax import config_lib
+
+
+def get_config():
+  config = config_lib.mask_rcnn(
+      convention="mmdet", depth=101, groups=64, width_per_group=4, style="pytorch",
+      pixel=config_lib.PYTORCH_RGB, mask_scoring=True, schedule="2x",
+      upstream="ms_rcnn_x101_64x4d_fpn_2x_coco")
+  config.published = config_lib.published(
+      box_ap=42.6, mask_ap=39.5,
+      url="https://download.openmmlab.com/mmdetection/v2.0/ms_rcnn/ms_rcnn_x101_64x4d_fpn_2x_coco/ms_rcnn_x101_64x4d_fpn_2x_coco_20200308-02a445e2.pth")  # noqa: E501
+  return config

@@ -1,0 +1,68 @@
+"""Runs a converted (or trained) checkpoint on images.
+
+  python -m maskrcnn_jax.predict --config CONFIG --checkpoint DIR --out OUT IMAGE [IMAGE ...]
+
+Writes OUT/predictions.json in the COCO results format (file_name, category_id, bbox [x, y, w, h]
+in original pixels, score, segmentation RLE with str counts; mask_score for Mask Scoring R-CNN)
+and OUT/<image stem>.png with masks, boxes, class names and scores drawn on the image.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+import numpy as np
+
+from maskrcnn_jax import inference
+from maskrcnn_jax.checkpoints import orbax_io
+from maskrcnn_jax.data import transforms
+from maskrcnn_jax.evaluation import coco_format, visualize
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_SCORE = flags.DEFINE_float("draw_threshold", 0.5, "Only detections above this are drawn.")
+
+
+def predict(config, checkpoint: str, out: str, images, draw_threshold: float = 0.5):
+  """Predicts every image; returns the list of COCO result dicts (also written to out)."""
+  # Fail on a bad image before spending time on the model.
+  decoded = []
+  for path in images:
+    decoded.append((path, transforms.read_image(path, convention=config.convention)))
+  variables = orbax_io.load_variables(checkpoint)
+  predictor = inference.Predictor(config, variables)
+  names = inference.category_names(config)
+  os.makedirs(out, exist_ok=True)
+  results = []
+  for path, image in decoded:
+    t0 = time.time()
+    dets = predictor(image)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    entries = coco_format.detections_to_coco(
+        os.path.basename(path), dets["boxes"], dets["scores"], dets["category_ids"],
+        dets["masks"], mask_scores=dets.get("mask_scores"))
+    results.extend(entries)
+    rgb = image[..., ::-1] if not transforms.decoder_is_rgb(config.convention) else image
+    visualize.draw(rgb, dets, names, os.path.join(out, f"{stem}.png"), threshold=draw_threshold)
+    print(f"{path}: {len(entries)} detections ({time.time() - t0:.2f} s)")
+  with open(os.path.join(out, "predictions.json"), "w") as f:
+    json.dump(results, f)
+  return results
+
+
+def main(argv):
+  images = argv[1:]
+  if not images:
+    raise app.UsageError("give at least one image path")
+  if not _CHECKPOINT.value or not _OUT.value:
+    raise app.UsageError("--checkpoint and --out are required")
+  predict(_CONFIG.value, _CHECKPOINT.value, _OUT.value, images, _SCORE.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
