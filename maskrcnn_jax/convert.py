@@ -18,40 +18,61 @@ from maskrcnn_jax import conventions
 from maskrcnn_jax.checkpoints import name_maps, orbax_io, torch_reader
 from maskrcnn_jax.modeling.build import build_model, variable_shapes
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
-_SRC = flags.DEFINE_string("src", None, "Checkpoint to convert (.pth or .pkl).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
 
 
 def model_spec(config) -> "name_maps.ModelSpec":
   m = config.model
   return name_maps.ModelSpec(
       depth=int(m.depth), has_maskiou=bool(m.mask_scoring),
-      torchvision_v2=bool(m.fpn_norm) and config.convention == "torchvision")
+      torchvision_v2=bool(m.fpn_norm) and config.convention == "torchvision",
+      groups=int(m.groups), width_per_group=int(m.width_per_group),
+      num_classes=int(m.num_classes))
 
 
 def convert(config, src: str, out: str | None = None):
   """Converts `src` for `config`; writes to `out` if given. Returns (variables, summary)."""
-  conventions.get(config.convention)
   _, state, _ = torch_reader.load_checkpoint(src)
-  variables = name_maps.to_variables(state, framework=config.convention, spec=model_spec(config))
-  expected = variable_shapes(build_model(config))
-  name_maps.check_against(variables, expected)
-  summary = name_maps.describe_match(variables)
+  variables, summary = convert_state_dict(config, state, source=src)
   if out:
     orbax_io.save_variables(out, variables, config, note=f"source: {src}\n{summary}\n")
   return variables, summary
 
 
-def main(argv):
-  del argv
-  if not _SRC.value or not _OUT.value:
-    raise app.UsageError("--src and --out are required")
-  _, summary = convert(_CONFIG.value, _SRC.value, _OUT.value)
-  print(summary)
-  print(f"wrote {_OUT.value}")
+def convert_state_dict(config, state, source: str | None = None):
+  """Maps a framework state dict (numpy arrays) onto the config's model; strict.
+
+  Returns (variables {'params', 'batch_stats'} of numpy arrays, a match summary string).
+  Raises name_maps.CheckpointMismatchError naming every unmatched key, missing variable and
+  shape disagreement.
+  """
+  conventions.get(config.convention)
+  src = source
+  spec = model_spec(config)
+  variables = name_maps.to_variables(state, framework=config.convention, spec=spec, source=src)
+  # The name map's own table and the Flax model must agree too (a config/model drift check).
+  expected = variable_shapes(build_model(config))
+  name_maps.check_against(variables, expected, framework=config.convention, spec=spec,
+                          source=src, all_keys=list(state.keys()))
+  summary = name_maps.describe_match(variables, expected)
+  return variables, summary
+
+
+def main():
+  # Flags are defined here, not at import, so that the CLIs can be imported side by side.
+  config = config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
+  src = flags.DEFINE_string("src", None, "Checkpoint to convert (.pth or .pkl).")
+  out = flags.DEFINE_string("out", None, "Output directory.")
+  flags.mark_flags_as_required(["config", "src", "out"])
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _, summary = convert(config.value, src.value, out.value)
+    print(summary)
+    print(f"wrote {out.value}")
+
+  app.run(run)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  main()

@@ -21,10 +21,6 @@ from maskrcnn_jax.checkpoints import orbax_io
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_format, visualize
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_SCORE = flags.DEFINE_float("draw_threshold", 0.5, "Only detections above this are drawn.")
 
 
 def predict(config, checkpoint: str, out: str, images, draw_threshold: float = 0.5):
@@ -44,7 +40,8 @@ def predict(config, checkpoint: str, out: str, images, draw_threshold: float = 0
     stem = os.path.splitext(os.path.basename(path))[0]
     entries = coco_format.detections_to_coco(
         os.path.basename(path), dets["boxes"], dets["scores"], dets["category_ids"],
-        dets["masks"], mask_scores=dets.get("mask_scores"))
+        dets["masks"], mask_scores=dets.get("mask_scores"),
+        float64_subtract=config.convention == "mmdet")
     results.extend(entries)
     rgb = image[..., ::-1] if not transforms.decoder_is_rgb(config.convention) else image
     visualize.draw(rgb, dets, names, os.path.join(out, f"{stem}.png"), threshold=draw_threshold)
@@ -54,15 +51,22 @@ def predict(config, checkpoint: str, out: str, images, draw_threshold: float = 0
   return results
 
 
-def main(argv):
-  images = argv[1:]
-  if not images:
-    raise app.UsageError("give at least one image path")
-  if not _CHECKPOINT.value or not _OUT.value:
-    raise app.UsageError("--checkpoint and --out are required")
-  predict(_CONFIG.value, _CHECKPOINT.value, _OUT.value, images, _SCORE.value)
+def main():
+  # Flags are defined here, not at import, so that the CLIs can be imported side by side.
+  config = config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
+  checkpoint = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory.")
+  out = flags.DEFINE_string("out", None, "Output directory.")
+  threshold = flags.DEFINE_float("draw_threshold", 0.5, "Only detections above this are drawn.")
+  flags.mark_flags_as_required(["config", "checkpoint", "out"])
+
+  def run(argv):
+    images = argv[1:]
+    if not images:
+      raise app.UsageError("give at least one image path")
+    predict(config.value, checkpoint.value, out.value, images, threshold.value)
+
+  app.run(run)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  main()

@@ -24,12 +24,12 @@ def dummy_inputs(batch: int = 1, hw: Tuple[int, int] = (64, 64)):
 
 
 def init_variables(model: MaskRCNN, rng: jax.Array, hw: Tuple[int, int] = (64, 64)):
-  """Randomly initialised {'params', 'batch_stats'} for `model`."""
-  return model.init(rng, *dummy_inputs(1, hw))
+  """Randomly initialised {'params', 'batch_stats'} for `model` (jitted: tracing op by op is slow)."""
+  return jax.jit(model.init)(rng, *dummy_inputs(1, hw))
 
 
 def variable_shapes(model: MaskRCNN) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
   """Flat {(collection, module, ..., name): shape} of every variable, without allocating them."""
-  shapes = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0)))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(1, (64, 64))))
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
   return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}

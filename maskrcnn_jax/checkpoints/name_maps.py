@@ -1,0 +1,944 @@
+"""Map mmdetection v2 / detectron2 / torchvision state dicts onto the Flax variable tree.
+
+numpy only (no jax, no torch). The target tree, its paths and layouts are the contract in
+docs/internals.md ("Flax variable tree of `modeling.MaskRCNN`"); the source names are
+parity_spec 2.2-2.8, the layout conversions parity_spec 2.9.
+
+Each framework keeps its native class layout (parity_spec 5 item 4): mmdet / d2 heads stay
+81-way (background last) / 80-way, torchvision heads stay 91-way (background first).
+
+Public API:
+  ModelSpec(depth, has_maskiou, torchvision_v2, groups, width_per_group, num_classes)
+  to_variables(state, *, framework, spec, strict=True, dtype=np.float32, source=None) -> variables
+  map_state_dict(state, *, framework, spec, dtype=np.float32) -> MappingResult
+  expected_shapes(spec, framework) -> {path tuple: shape}
+  check_against(variables, expected, *, unmatched_keys=(), ...)   raises CheckpointMismatchError
+  describe_match(variables, expected=None, *, unmatched_keys=(), dropped_keys=()) -> str
+  infer_spec(state, *, framework) -> ModelSpec
+  cell_anchors(state) -> list of (3, 4) arrays or None
+  flatten_variables(tree) -> {path tuple: array};  unflatten_variables(flat) -> tree
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from maskrcnn_jax.checkpoints.torch_reader import CheckpointError
+from maskrcnn_jax.checkpoints.torch_reader import guess_framework
+
+__all__ = [
+    'CheckpointMismatchError',
+    'LegacyMmdetCheckpointError',
+    'ModelSpec',
+    'MappingResult',
+    'FRAMEWORKS',
+    'to_variables',
+    'map_state_dict',
+    'expected_shapes',
+    'check_against',
+    'describe_match',
+    'infer_spec',
+    'cell_anchors',
+    'flatten_variables',
+    'unflatten_variables',
+    'conv_kernel',
+    'linear_kernel',
+    'roi_fc_kernel',
+    'deconv_kernel',
+]
+
+FRAMEWORKS = ('mmdet', 'detectron2', 'torchvision')
+_FRAMEWORK_ALIASES = {'mmdet': 'mmdet', 'mmdetection': 'mmdet', 'detectron2': 'detectron2',
+                      'd2': 'detectron2', 'torchvision': 'torchvision', 'tv': 'torchvision'}
+
+# parity_spec 2.2 / 2.4: bottleneck blocks per stage (res2..res5) for each depth.
+_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+_DEPTH_FROM_STAGE4_BLOCKS = {6: 50, 23: 101, 36: 152}
+# RoI feature map fed to box_head/fc1 and maskiou_head/fc1: 7 x 7 (parity_spec 2.9).
+_ROI_RES = 7
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+  """The state dict does not fit the model: unmatched keys, missing paths, shape disagreements."""
+
+
+class LegacyMmdetCheckpointError(CheckpointMismatchError):
+  """An mmdetection 1.x checkpoint (background at class index 0), parity_spec 1.2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What the checkpoint is expected to contain.
+
+  Attributes:
+    depth: ResNet / ResNeXt depth, 50 or 101 (152 also accepted).
+    has_maskiou: Mask Scoring R-CNN MaskIoU head (mmdet `roi_head.mask_iou_head.*`).
+    torchvision_v2: torchvision `maskrcnn_resnet50_fpn_v2`: BN in FPN and heads, 2 RPN convs,
+      4conv1fc box head (parity_spec 2.7).
+    groups: conv2 groups (1 for ResNet; 32 / 64 for ResNeXt), parity_spec 2.4.
+    width_per_group: bottleneck width of the first stage per group (64 for ResNet; 4 for mmdet
+      X101-32x4d / 64x4d; 8 for d2 X101-32x8d). Stage widths are width_per_group * groups * 2^i.
+    num_classes: foreground classes in the framework's native layout: 80 for COCO mmdet / d2
+      (heads 81 / 320 / 80) and 90 for COCO torchvision (heads 91 / 364 / 91).
+
+  `groups`, `width_per_group` and `num_classes` may be None: `to_variables` then takes them from
+  the checkpoint (`resolved`), leaving their check to `check_against` with the model's own shapes;
+  `expected_shapes` reads None as ResNet (1, 64) and COCO.
+  """
+
+  depth: int = 50
+  has_maskiou: bool = False
+  torchvision_v2: bool = False
+  groups: int | None = None
+  width_per_group: int | None = None
+  num_classes: int | None = None
+
+  def __post_init__(self):
+    if self.depth not in _BLOCKS:
+      raise ValueError(f'ModelSpec.depth must be one of {sorted(_BLOCKS)}, got {self.depth}')
+    if (self.groups is not None and self.groups < 1) or (
+        self.width_per_group is not None and self.width_per_group < 1):
+      raise ValueError(f'bad groups/width_per_group {self.groups}/{self.width_per_group}')
+
+  def resolved(self, state: Mapping[str, np.ndarray], framework: str) -> 'ModelSpec':
+    """This spec with None groups / width_per_group / num_classes taken from `state`."""
+    if None not in (self.groups, self.width_per_group, self.num_classes):
+      return self
+    found = _infer_widths_and_classes(state, _canonical(framework))
+    return dataclasses.replace(
+        self, groups=self.groups if self.groups is not None else found['groups'],
+        width_per_group=(self.width_per_group if self.width_per_group is not None
+                         else found['width_per_group']),
+        num_classes=self.num_classes if self.num_classes is not None else found['num_classes'])
+
+  @property
+  def blocks(self) -> tuple[int, int, int, int]:
+    """Bottleneck blocks in res2..res5, e.g. (3, 4, 6, 3) for depth 50."""
+    return _BLOCKS[self.depth]
+
+  @property
+  def stage_widths(self) -> tuple[int, ...]:
+    """Bottleneck (conv1/conv2) width per stage: mmdet `floor(planes*base_width/64)*groups`,
+    d2 `width_per_group*groups*2^i` (same numbers), parity_spec 2.4."""
+    return tuple(self._wpg * self._groups * 2**i for i in range(4))
+
+  @property
+  def _groups(self) -> int:
+    return 1 if self.groups is None else self.groups
+
+  @property
+  def _wpg(self) -> int:
+    return 64 if self.width_per_group is None else self.width_per_group
+
+  @property
+  def stage_out_channels(self) -> tuple[int, ...]:
+    """conv3 / shortcut output channels per stage: 256, 512, 1024, 2048."""
+    return tuple(256 * 2**i for i in range(4))
+
+  def class_counts(self, framework: str) -> tuple[int, int, int]:
+    """(K_cls, K_reg, K_mask) of docs/internals.md for `framework` (native layout)."""
+    framework = _canonical(framework)
+    if framework == 'torchvision':
+      n = 90 if self.num_classes is None else self.num_classes
+      return n + 1, n + 1, n + 1
+    n = 80 if self.num_classes is None else self.num_classes
+    return n + 1, n, n
+
+  def describe(self) -> str:
+    name = f'ResNet-{self.depth}' if self._groups == 1 and self._wpg == 64 else (
+        f'ResNeXt-{self.depth} {self._groups}x{self._wpg}d')
+    extras = [s for s, on in (('MaskIoU head', self.has_maskiou),
+                              ('torchvision v2', self.torchvision_v2)) if on]
+    return name + (f' ({", ".join(extras)})' if extras else '')
+
+
+def _canonical(framework: str) -> str:
+  try:
+    return _FRAMEWORK_ALIASES[framework]
+  except KeyError:
+    raise ValueError(f'framework must be one of {FRAMEWORKS}, got {framework!r}') from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout hooks (parity_spec 2.9, docs/internals.md "Layout conversions from PyTorch").
+
+
+class _LayoutError(ValueError):
+  pass
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+  """torch Conv2d weight (O, I/g, kh, kw) -> Flax HWIO kernel (kh, kw, I/g, O)."""
+  if w.ndim != 4:
+    raise _LayoutError(f'expected a 4-D conv weight (O, I/g, kh, kw), got shape {tuple(w.shape)}')
+  return w.transpose(2, 3, 1, 0)
+
+
+def linear_kernel(w: np.ndarray) -> np.ndarray:
+  """torch Linear weight (O, I) -> Flax Dense kernel (I, O)."""
+  if w.ndim != 2:
+    raise _LayoutError(f'expected a 2-D linear weight (O, I), got shape {tuple(w.shape)}')
+  return w.T
+
+
+def roi_fc_kernel(w: np.ndarray, resolution: int = _ROI_RES) -> np.ndarray:
+  """Linear weight after a flattened NCHW RoI feature -> Dense kernel for an NHWC flatten.
+
+  w: (O, C*R*R) with torch column c*R*R + h*R + w. Returns (R*R*C, O) with row h*R*C + w*C + c
+  holding that column (parity_spec 2.9: reshape (O,C,R,R), transpose (0,2,3,1), reshape, .T).
+  """
+  if w.ndim != 2:
+    raise _LayoutError(f'expected a 2-D linear weight (O, C*{resolution}*{resolution}), '
+                       f'got shape {tuple(w.shape)}')
+  o, i = w.shape
+  if i % (resolution * resolution):
+    raise _LayoutError(
+        f'input size {i} is not C*{resolution}*{resolution} (a flattened RoI feature)')
+  c = i // (resolution * resolution)
+  return w.reshape(o, c, resolution, resolution).transpose(0, 2, 3, 1).reshape(o, i).T
+
+
+def deconv_kernel(w: np.ndarray) -> np.ndarray:
+  """torch ConvTranspose2d weight (I, O, kh, kw) -> (kh, kw, I, O) with
+  out[2i+a, 2j+b, o] = bias[o] + sum_c x[i, j, c] * kernel[a, b, c, o] (k=2, s=2, p=0)."""
+  if w.ndim != 4:
+    raise _LayoutError(
+        f'expected a 4-D ConvTranspose2d weight (I, O, kh, kw), got shape {tuple(w.shape)}')
+  return w.transpose(2, 3, 0, 1)
+
+
+def _vector(w: np.ndarray) -> np.ndarray:
+  if w.ndim != 1:
+    raise _LayoutError(f'expected a 1-D vector, got shape {tuple(w.shape)}')
+  return w
+
+
+# kind -> torch leaf -> (collection, flax leaf, hook)
+_LEAVES: dict[str, dict[str, tuple[str, str, Callable[[np.ndarray], np.ndarray]]]] = {
+    'conv': {'weight': ('params', 'kernel', conv_kernel), 'bias': ('params', 'bias', _vector)},
+    'linear': {'weight': ('params', 'kernel', linear_kernel), 'bias': ('params', 'bias', _vector)},
+    'roi_fc': {'weight': ('params', 'kernel', roi_fc_kernel), 'bias': ('params', 'bias', _vector)},
+    'deconv': {'weight': ('params', 'kernel', deconv_kernel), 'bias': ('params', 'bias', _vector)},
+    # BatchNorm2d / FrozenBatchNorm2d (parity_spec 2.2 "BN", 2.6 "FBN").
+    'norm': {'weight': ('params', 'scale', _vector), 'bias': ('params', 'bias', _vector),
+             'running_mean': ('batch_stats', 'mean', _vector),
+             'running_var': ('batch_stats', 'var', _vector)},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Module tables: torch module prefix -> (flax module path, kind). Built forward from the spec, so
+# a key that is not in the table is an unmatched key.
+
+_Entry = tuple[tuple[str, ...], str]
+
+
+def _resnet_modules(spec: ModelSpec, framework: str, prefix: str) -> dict[str, _Entry]:
+  """Backbone bottom-up (parity_spec 2.2, 2.6, 2.7; cross map 2.8)."""
+  t: dict[str, _Entry] = {}
+  if framework == 'detectron2':
+    t[f'{prefix}stem.conv1'] = (('backbone', 'stem_conv'), 'conv')
+    t[f'{prefix}stem.conv1.norm'] = (('backbone', 'stem_norm'), 'norm')
+  else:
+    t[f'{prefix}conv1'] = (('backbone', 'stem_conv'), 'conv')
+    t[f'{prefix}bn1'] = (('backbone', 'stem_norm'), 'norm')
+  for i, n_blocks in enumerate(spec.blocks):
+    s = i + 2
+    for b in range(n_blocks):
+      block = ('backbone', f'res{s}_{b}')
+      if framework == 'detectron2':
+        src = f'{prefix}res{s}.{b}'
+        for k in (1, 2, 3):
+          t[f'{src}.conv{k}'] = (block + (f'conv{k}',), 'conv')
+          t[f'{src}.conv{k}.norm'] = (block + (f'norm{k}',), 'norm')
+        if b == 0:
+          t[f'{src}.shortcut'] = (block + ('shortcut',), 'conv')
+          t[f'{src}.shortcut.norm'] = (block + ('shortcut_norm',), 'norm')
+      else:
+        src = f'{prefix}layer{i + 1}.{b}'
+        for k in (1, 2, 3):
+          t[f'{src}.conv{k}'] = (block + (f'conv{k}',), 'conv')
+          t[f'{src}.bn{k}'] = (block + (f'norm{k}',), 'norm')
+        if b == 0:
+          t[f'{src}.downsample.0'] = (block + ('shortcut',), 'conv')
+          t[f'{src}.downsample.1'] = (block + ('shortcut_norm',), 'norm')
+  return t
+
+
+def _mmdet_modules(spec: ModelSpec) -> tuple[dict[str, _Entry], dict[str, str]]:
+  """mmdet v2 names, parity_spec 2.2 / 2.5."""
+  t = _resnet_modules(spec, 'mmdet', 'backbone.')
+  for i in range(4):
+    t[f'neck.lateral_convs.{i}.conv'] = (('fpn', f'lateral{i + 2}'), 'conv')
+    t[f'neck.fpn_convs.{i}.conv'] = (('fpn', f'output{i + 2}'), 'conv')
+  t['rpn_head.rpn_conv'] = (('rpn_head', 'conv0'), 'conv')
+  t['rpn_head.rpn_cls'] = (('rpn_head', 'objectness'), 'conv')
+  t['rpn_head.rpn_reg'] = (('rpn_head', 'deltas'), 'conv')
+  t['roi_head.bbox_head.shared_fcs.0'] = (('box_head', 'fc1'), 'roi_fc')
+  t['roi_head.bbox_head.shared_fcs.1'] = (('box_head', 'fc2'), 'linear')
+  t['roi_head.bbox_head.fc_cls'] = (('box_predictor', 'cls_score'), 'linear')
+  t['roi_head.bbox_head.fc_reg'] = (('box_predictor', 'bbox_pred'), 'linear')
+  for i in range(4):
+    t[f'roi_head.mask_head.convs.{i}.conv'] = (('mask_head', f'conv{i + 1}'), 'conv')
+  t['roi_head.mask_head.upsample'] = (('mask_head', 'deconv'), 'deconv')
+  t['roi_head.mask_head.conv_logits'] = (('mask_head', 'predictor'), 'conv')
+  if spec.has_maskiou:
+    # Plain Conv2d / Linear, no `.conv.` (parity_spec 2.5).
+    for i in range(4):
+      t[f'roi_head.mask_iou_head.convs.{i}'] = (('maskiou_head', f'conv{i + 1}'), 'conv')
+    t['roi_head.mask_iou_head.fcs.0'] = (('maskiou_head', 'fc1'), 'roi_fc')
+    t['roi_head.mask_iou_head.fcs.1'] = (('maskiou_head', 'fc2'), 'linear')
+    t['roi_head.mask_iou_head.fc_mask_iou'] = (('maskiou_head', 'fc_mask_iou'), 'linear')
+  return t, {}
+
+
+def _d2_modules(spec: ModelSpec) -> tuple[dict[str, _Entry], dict[str, str]]:
+  """detectron2 names, parity_spec 2.6."""
+  t = _resnet_modules(spec, 'detectron2', 'backbone.bottom_up.')
+  for level in range(2, 6):
+    t[f'backbone.fpn_lateral{level}'] = (('fpn', f'lateral{level}'), 'conv')
+    t[f'backbone.fpn_output{level}'] = (('fpn', f'output{level}'), 'conv')
+  t['proposal_generator.rpn_head.conv'] = (('rpn_head', 'conv0'), 'conv')
+  t['proposal_generator.rpn_head.objectness_logits'] = (('rpn_head', 'objectness'), 'conv')
+  t['proposal_generator.rpn_head.anchor_deltas'] = (('rpn_head', 'deltas'), 'conv')
+  t['roi_heads.box_head.fc1'] = (('box_head', 'fc1'), 'roi_fc')
+  t['roi_heads.box_head.fc2'] = (('box_head', 'fc2'), 'linear')
+  t['roi_heads.box_predictor.cls_score'] = (('box_predictor', 'cls_score'), 'linear')
+  t['roi_heads.box_predictor.bbox_pred'] = (('box_predictor', 'bbox_pred'), 'linear')
+  for i in range(1, 5):
+    t[f'roi_heads.mask_head.mask_fcn{i}'] = (('mask_head', f'conv{i}'), 'conv')
+  t['roi_heads.mask_head.deconv'] = (('mask_head', 'deconv'), 'deconv')
+  t['roi_heads.mask_head.predictor'] = (('mask_head', 'predictor'), 'conv')
+  return t, {}
+
+
+def _tv_modules(spec: ModelSpec) -> tuple[dict[str, _Entry], dict[str, str]]:
+  """torchvision names, parity_spec 2.7; v1 also accepts the 2019 names of parity_spec 1.4.
+
+  Returns (table, aliases): aliases maps a legacy module name to its current name.
+  """
+  t = _resnet_modules(spec, 'torchvision', 'backbone.body.')
+  aliases: dict[str, str] = {}
+  v2 = spec.torchvision_v2
+  for i in range(4):
+    for tv_name, ours in (('inner_blocks', 'lateral'), ('layer_blocks', 'output')):
+      current = f'backbone.fpn.{tv_name}.{i}.0'
+      t[current] = (('fpn', f'{ours}{i + 2}'), 'conv')
+      if v2:  # Conv2dNormActivation(norm_layer=BatchNorm2d): conv without bias, then BN.
+        t[f'backbone.fpn.{tv_name}.{i}.1'] = (('fpn', f'{ours}{i + 2}_norm'), 'norm')
+      else:
+        aliases[f'backbone.fpn.{tv_name}.{i}'] = current
+  t['rpn.head.conv.0.0'] = (('rpn_head', 'conv0'), 'conv')
+  if v2:
+    t['rpn.head.conv.1.0'] = (('rpn_head', 'conv1'), 'conv')
+  else:
+    aliases['rpn.head.conv'] = 'rpn.head.conv.0.0'
+  t['rpn.head.cls_logits'] = (('rpn_head', 'objectness'), 'conv')
+  t['rpn.head.bbox_pred'] = (('rpn_head', 'deltas'), 'conv')
+  if v2:  # FastRCNNConvFCHead: 4 x (conv, BN, ReLU), Flatten (index 4), Linear (index 5).
+    for i in range(4):
+      t[f'roi_heads.box_head.{i}.0'] = (('box_head', f'conv{i}'), 'conv')
+      t[f'roi_heads.box_head.{i}.1'] = (('box_head', f'conv{i}_norm'), 'norm')
+    t['roi_heads.box_head.5'] = (('box_head', 'fc1'), 'roi_fc')
+  else:  # TwoMLPHead
+    t['roi_heads.box_head.fc6'] = (('box_head', 'fc1'), 'roi_fc')
+    t['roi_heads.box_head.fc7'] = (('box_head', 'fc2'), 'linear')
+  t['roi_heads.box_predictor.cls_score'] = (('box_predictor', 'cls_score'), 'linear')
+  t['roi_heads.box_predictor.bbox_pred'] = (('box_predictor', 'bbox_pred'), 'linear')
+  for i in range(4):
+    t[f'roi_heads.mask_head.{i}.0'] = (('mask_head', f'conv{i + 1}'), 'conv')
+    if v2:
+      t[f'roi_heads.mask_head.{i}.1'] = (('mask_head', f'conv{i + 1}_norm'), 'norm')
+    else:
+      aliases[f'roi_heads.mask_head.mask_fcn{i + 1}'] = f'roi_heads.mask_head.{i}.0'
+  t['roi_heads.mask_predictor.conv5_mask'] = (('mask_head', 'deconv'), 'deconv')
+  t['roi_heads.mask_predictor.mask_fcn_logits'] = (('mask_head', 'predictor'), 'conv')
+  return t, aliases
+
+
+def _module_table(framework: str, spec: ModelSpec) -> tuple[dict[str, _Entry], dict[str, str]]:
+  builders = {'mmdet': _mmdet_modules, 'detectron2': _d2_modules, 'torchvision': _tv_modules}
+  return builders[framework](spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expected target shapes (docs/internals.md table).
+
+
+def expected_shapes(spec: ModelSpec, framework: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Every variable path -> shape of docs/internals.md for `spec` in `framework`'s class layout.
+
+  Paths start with the collection: ('params', 'backbone', 'res2_0', 'conv1', 'kernel').
+  """
+  framework = _canonical(framework)
+  v2 = framework == 'torchvision' and spec.torchvision_v2
+  out: dict[tuple[str, ...], tuple[int, ...]] = {}
+  groups = 1 if spec.groups is None else spec.groups
+
+  def norm(path, c):
+    out[('params',) + path + ('scale',)] = (c,)
+    out[('params',) + path + ('bias',)] = (c,)
+    out[('batch_stats',) + path + ('mean',)] = (c,)
+    out[('batch_stats',) + path + ('var',)] = (c,)
+
+  def conv(path, kh, kw, cin, cout, bias=True):
+    out[('params',) + path + ('kernel',)] = (kh, kw, cin, cout)
+    if bias:
+      out[('params',) + path + ('bias',)] = (cout,)
+
+  def dense(path, cin, cout):
+    out[('params',) + path + ('kernel',)] = (cin, cout)
+    out[('params',) + path + ('bias',)] = (cout,)
+
+  conv(('backbone', 'stem_conv'), 7, 7, 3, 64, bias=False)
+  norm(('backbone', 'stem_norm'), 64)
+  cin = 64
+  for i, n_blocks in enumerate(spec.blocks):
+    w, cout = spec.stage_widths[i], spec.stage_out_channels[i]
+    for b in range(n_blocks):
+      block = ('backbone', f'res{i + 2}_{b}')
+      conv(block + ('conv1',), 1, 1, cin, w, bias=False)
+      norm(block + ('norm1',), w)
+      conv(block + ('conv2',), 3, 3, w // groups, w, bias=False)
+      norm(block + ('norm2',), w)
+      conv(block + ('conv3',), 1, 1, w, cout, bias=False)
+      norm(block + ('norm3',), cout)
+      if b == 0:
+        conv(block + ('shortcut',), 1, 1, cin, cout, bias=False)
+        norm(block + ('shortcut_norm',), cout)
+      cin = cout
+  for level, c in zip(range(2, 6), spec.stage_out_channels):
+    conv(('fpn', f'lateral{level}'), 1, 1, c, 256, bias=not v2)
+    conv(('fpn', f'output{level}'), 3, 3, 256, 256, bias=not v2)
+    if v2:
+      norm(('fpn', f'lateral{level}_norm'), 256)
+      norm(('fpn', f'output{level}_norm'), 256)
+  num_anchors = 3
+  conv(('rpn_head', 'conv0'), 3, 3, 256, 256)
+  if v2:
+    conv(('rpn_head', 'conv1'), 3, 3, 256, 256)
+  conv(('rpn_head', 'objectness'), 1, 1, 256, num_anchors)
+  conv(('rpn_head', 'deltas'), 1, 1, 256, 4 * num_anchors)
+  roi_in = 256 * _ROI_RES * _ROI_RES
+  if v2:
+    for i in range(4):
+      conv(('box_head', f'conv{i}'), 3, 3, 256, 256, bias=False)
+      norm(('box_head', f'conv{i}_norm'), 256)
+    dense(('box_head', 'fc1'), roi_in, 1024)
+  else:
+    dense(('box_head', 'fc1'), roi_in, 1024)
+    dense(('box_head', 'fc2'), 1024, 1024)
+  k_cls, k_reg, k_mask = spec.class_counts(framework)
+  dense(('box_predictor', 'cls_score'), 1024, k_cls)
+  dense(('box_predictor', 'bbox_pred'), 1024, 4 * k_reg)
+  for i in range(1, 5):
+    conv(('mask_head', f'conv{i}'), 3, 3, 256, 256, bias=not v2)
+    if v2:
+      norm(('mask_head', f'conv{i}_norm'), 256)
+  out[('params', 'mask_head', 'deconv', 'kernel')] = (2, 2, 256, 256)
+  out[('params', 'mask_head', 'deconv', 'bias')] = (256,)
+  conv(('mask_head', 'predictor'), 1, 1, 256, k_mask)
+  if spec.has_maskiou:
+    conv(('maskiou_head', 'conv1'), 3, 3, 257, 256)
+    for i in range(2, 5):
+      conv(('maskiou_head', f'conv{i}'), 3, 3, 256, 256)
+    dense(('maskiou_head', 'fc1'), roi_in, 1024)
+    dense(('maskiou_head', 'fc2'), 1024, 1024)
+    dense(('maskiou_head', 'fc_mask_iou'), 1024, k_mask)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree helpers.
+
+
+def flatten_variables(tree: Mapping[str, Any],
+                      prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """Nested dict -> {path tuple: leaf} (like flax.traverse_util.flatten_dict, without flax)."""
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      flat.update(flatten_variables(v, prefix + (k,)))
+    else:
+      flat[prefix + (k,)] = v
+  return flat
+
+
+def unflatten_variables(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  """{path tuple: leaf} -> nested dict."""
+  tree: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def _fmt_path(path: tuple[str, ...]) -> str:
+  return '/'.join(path)
+
+
+def _fmt_shape(shape) -> str:
+  """(a,b) without spaces; (a,) for one dimension, () for a scalar."""
+  dims = [str(int(s)) for s in shape]
+  return '(' + ','.join(dims) + (',' if len(dims) == 1 else '') + ')'
+
+
+def _shape_of(x) -> tuple[int, ...]:
+  return tuple(int(s) for s in getattr(x, 'shape', ()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping.
+
+
+def _is_dropped(key: str, framework: str) -> bool:
+  # num_batches_tracked: BN step counter, unused at inference (parity_spec 1.2 / 5 item 1).
+  if key.endswith('.num_batches_tracked') or key == 'num_batches_tracked':
+    return True
+  if framework == 'detectron2':
+    # cell_anchors: a persistent buffer in 2019-era d2 zoo files (parity_spec 1.3); see
+    # cell_anchors(). pixel_mean / pixel_std: buffers in checkpoints saved by older d2 training
+    # runs (not in zoo .pkl files); they are config (parity_spec 3.3), not variables.
+    return key.startswith('proposal_generator.anchor_generator.cell_anchors.') or key in (
+        'pixel_mean', 'pixel_std')
+  return False
+
+
+_CELL_ANCHOR_RE = re.compile(r'^proposal_generator\.anchor_generator\.cell_anchors\.(\d+)$')
+
+
+def cell_anchors(state: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+  """The d2 `cell_anchors.{i}` buffers (each (3, 4) float32, xyxy around the origin, one per FPN
+  level P2..P6) in level order, or None when the file has none (parity_spec 1.3, 3.7)."""
+  found = {}
+  for k, v in state.items():
+    m = _CELL_ANCHOR_RE.match(k)
+    if m:
+      found[int(m.group(1))] = np.asarray(v)
+  if not found:
+    return None
+  return [found[i] for i in sorted(found)]
+
+
+def _is_float(dtype: np.dtype) -> bool:
+  return dtype.kind == 'f' or dtype.name.startswith(('bfloat16', 'float8'))
+
+
+@dataclasses.dataclass
+class MappingResult:
+  """Outcome of `map_state_dict`.
+
+  Attributes:
+    variables: {'params': ..., 'batch_stats': ...} nested dict of numpy arrays.
+    sources: variable path -> the checkpoint key it came from.
+    unmatched: checkpoint keys that map to nothing for this spec (in state order).
+    dropped: keys dropped on purpose (num_batches_tracked; d2 cell_anchors, pixel_mean/std).
+    problems: layout errors and duplicate mappings, as messages.
+  """
+
+  variables: dict[str, Any]
+  sources: dict[tuple[str, ...], str]
+  unmatched: list[str]
+  dropped: list[str]
+  problems: list[str]
+
+
+def map_state_dict(state: Mapping[str, np.ndarray], *, framework: str, spec: ModelSpec,
+                   dtype=np.float32) -> MappingResult:
+  """Rename and re-layout every tensor; never raises for mismatches (see `to_variables`).
+
+  Args:
+    state: name -> array in the framework's state-dict naming (after `module.` stripping).
+    framework: 'mmdet' | 'detectron2' | 'torchvision'.
+    spec: the model the tree is for; keys outside it are reported as unmatched.
+    dtype: floating tensors are cast to this (None keeps the checkpoint dtype).
+  """
+  framework = _canonical(framework)
+  table, aliases = _module_table(framework, spec)
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  sources: dict[tuple[str, ...], str] = {}
+  unmatched: list[str] = []
+  dropped: list[str] = []
+  problems: list[str] = []
+  for key, value in state.items():
+    if _is_dropped(key, framework):
+      dropped.append(key)
+      continue
+    module, _, leaf = key.rpartition('.')
+    module = aliases.get(module, module)
+    entry = table.get(module)
+    if entry is None or leaf not in _LEAVES[entry[1]]:
+      unmatched.append(key)
+      continue
+    path, kind = entry
+    collection, name, hook = _LEAVES[kind][leaf]
+    target = (collection,) + path + (name,)
+    if target in flat:
+      problems.append(f'{key} and {sources[target]} both map to {_fmt_path(target)} '
+                      '(the checkpoint has the legacy and the current spelling)')
+      continue
+    arr = np.asarray(value)
+    try:
+      arr = hook(arr)
+    except _LayoutError as e:
+      problems.append(f'{key}: {e}')
+      continue
+    if dtype is not None and _is_float(arr.dtype):
+      arr = arr.astype(dtype)
+    flat[target] = np.asarray(arr, order='C')  # not ascontiguousarray: it makes 0-d arrays 1-d
+    sources[target] = key
+  return MappingResult(unflatten_variables(flat), sources, unmatched, dropped, problems)
+
+
+def _check_not_mmdet_v1(state: Mapping[str, np.ndarray], source: str | None):
+  """Reject mmdetection 1.x files: background at index 0, so fc_reg has 4 * 81 rows and
+  conv_logits 81 channels (parity_spec 1.2 "Class order guard", 2.10)."""
+  def rows(*names):
+    for n in names:
+      if n in state:
+        return int(np.shape(state[n])[0])
+    return None
+
+  fc_cls = rows('roi_head.bbox_head.fc_cls.weight', 'bbox_head.fc_cls.weight')
+  fc_reg = rows('roi_head.bbox_head.fc_reg.weight', 'bbox_head.fc_reg.weight')
+  logits = rows('roi_head.mask_head.conv_logits.weight', 'mask_head.conv_logits.weight')
+  v1_names = any(k.startswith(('bbox_head.', 'mask_head.')) for k in state)
+  reg_with_bg = fc_cls is not None and fc_reg is not None and fc_reg == 4 * fc_cls
+  mask_with_bg = fc_cls is not None and logits is not None and logits == fc_cls
+  if reg_with_bg or mask_with_bg or v1_names:
+    where = f'{source}: ' if source else ''
+    raise LegacyMmdetCheckpointError(
+        f'{where}this is an mmdetection 1.x checkpoint: fc_cls has {fc_cls} rows, fc_reg {fc_reg} '
+        f'rows, conv_logits {logits} channels'
+        + (', and heads are named bbox_head./mask_head. without roi_head.' if v1_names else '')
+        + ' -- mmdet 1.x puts background at class index 0 and gives the regression and mask layers '
+        'a background slot (mmdet v2: 81 / 320 / 80, background last). Upgrade it with mmdetection '
+        'tools/model_converters/upgrade_model_version.py first (parity_spec 1.2).')
+
+
+def to_variables(state: Mapping[str, np.ndarray], *, framework: str, spec: ModelSpec,
+                 strict: bool = True, dtype=np.float32,
+                 source: str | None = None) -> dict[str, Any]:
+  """Checkpoint state dict -> Flax variables of docs/internals.md.
+
+  Args:
+    state: name -> np.ndarray as returned by `torch_reader.load_checkpoint` (torch layouts, e.g.
+      conv (O, I/g, kh, kw), linear (O, I), ConvTranspose2d (I, O, 2, 2), norms (C,)).
+    framework: 'mmdet' | 'detectron2' | 'torchvision' (torchvision: current and 2019 names).
+    spec: the model to fill.
+    strict: raise `CheckpointMismatchError` unless every non-dropped key is consumed and the tree
+      has exactly the paths and shapes of `expected_shapes(spec, framework)`.
+    dtype: floating tensors are cast to this (float32 default; None keeps them).
+    source: a file name for messages.
+
+  Returns:
+    {'params': {...}, 'batch_stats': {...}} nested dict of numpy arrays: conv kernels HWIO, dense
+    kernels (in, out) with RoI-fc rows in NHWC-flatten order, deconv (2, 2, in, out), norms
+    params {scale, bias} + batch_stats {mean, var}.
+
+  Raises:
+    LegacyMmdetCheckpointError: an mmdet 1.x file (always checked for framework 'mmdet').
+    CheckpointMismatchError: (strict) anything unmatched / missing / of the wrong shape.
+  """
+  framework = _canonical(framework)
+  if framework == 'mmdet':
+    _check_not_mmdet_v1(state, source)
+  spec = spec.resolved(state, framework)
+  result = map_state_dict(state, framework=framework, spec=spec, dtype=dtype)
+  if strict:
+    check_against(result.variables, expected_shapes(spec, framework),
+                  unmatched_keys=result.unmatched, sources=result.sources,
+                  problems=result.problems, framework=framework, spec=spec, source=source,
+                  all_keys=list(state.keys()))
+  return result.variables
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict comparison and diagnosis.
+
+
+_BLOCK_KEY_RES = {
+    'mmdet': re.compile(r'^backbone\.layer(\d)\.(\d+)\.'),
+    'torchvision': re.compile(r'^backbone\.body\.layer(\d)\.(\d+)\.'),
+    'detectron2': re.compile(r'^backbone\.bottom_up\.res(\d)\.(\d+)\.'),
+}
+
+
+def _stage_index(framework: str, m: re.Match) -> int:
+  """0..3 for res2..res5 from a block-key match."""
+  return int(m.group(1)) - (2 if framework == 'detectron2' else 1)
+
+
+def _shape_hints(shape_errors: list[tuple[tuple[str, ...], tuple, tuple]]) -> list[str]:
+  """Hints that need only the shape disagreements (work with any `expected`)."""
+  hints = []
+  # ResNet vs ResNeXt widths.
+  for path, got, want in shape_errors:
+    if len(path) == 5 and path[1] == 'backbone' and path[2] == 'res2_0' and path[3] == 'conv2':
+      w, w_per_group_in = got[3], got[2]
+      g = w // max(1, w_per_group_in)
+      kind = 'ResNet' if g == 1 and w == 64 else f'ResNeXt {g}x{w // max(g, 1)}d'
+      hints.append(f'{_fmt_path(path)} is {_fmt_shape(got)} in the checkpoint, '
+                   f'{_fmt_shape(want)} in the model: the checkpoint backbone is a {kind} '
+                   f'(groups={g}, width_per_group={w // max(g, 1)}) — does the model config '
+                   'match?')
+  # Class counts.
+  for path, got, want in shape_errors:
+    if path[1] == 'box_predictor' and path[2] == 'cls_score' and path[-1] == 'kernel':
+      hints.append(f'{_fmt_path(path)} has {got[1]} classes, the model {want[1]}: a checkpoint '
+                   'trained on another dataset or another framework\'s class layout '
+                   '(set ModelSpec(num_classes=...))')
+  return hints
+
+
+def _diagnose(*, framework: str | None, spec: ModelSpec | None, unmatched: list[str],
+              missing: list[tuple[str, ...]],
+              shape_errors: list[tuple[tuple[str, ...], tuple, tuple]],
+              all_keys: list[str] | None) -> list[str]:
+  """Plain-language guesses at *why* a state dict does not fit (another architecture, framework)."""
+  hints: list[str] = []
+  keys = all_keys if all_keys is not None else unmatched
+  # Another framework altogether.
+  if framework is not None and unmatched:
+    guess = guess_framework({k: None for k in unmatched})
+    if guess not in ('unknown', framework) and len(unmatched) * 2 >= max(1, len(keys)):
+      hints.append(f'the keys look like a {guess} state dict, not {framework} '
+                   f"(e.g. {unmatched[0]}): pass framework='{guess}'")
+      return hints
+  hints += _shape_hints(shape_errors)
+  if framework is None or spec is None:
+    return hints
+  depth_name = f'ResNet-{spec.depth}'
+  # More / fewer backbone blocks than the spec's depth.
+  block_re = _BLOCK_KEY_RES[framework]
+  extra = []
+  for k in unmatched:
+    m = block_re.match(k)
+    if m:
+      stage = _stage_index(framework, m)
+      if 0 <= stage < 4 and int(m.group(2)) >= spec.blocks[stage]:
+        extra.append((k, stage, int(m.group(2))))
+  if extra:
+    counts = {}
+    for _, stage, b in extra:
+      counts[stage] = max(counts.get(stage, 0), b + 1)
+    depth_guess = _DEPTH_FROM_STAGE4_BLOCKS.get(counts.get(2, spec.blocks[2]))
+    guess = f' — is it a ResNet-{depth_guess} checkpoint?' if depth_guess else ''
+    hints.append(f'unexpected key {extra[0][0]}: the checkpoint has more blocks than {depth_name}'
+                 f'{guess} (set ModelSpec(depth=...) to match)')
+  missing_blocks = {}
+  for path in missing:
+    if len(path) > 2 and path[1] == 'backbone' and path[2].startswith('res'):
+      s, b = path[2][3:].split('_')
+      stage = int(s) - 2
+      missing_blocks[stage] = min(missing_blocks.get(stage, 10**6), int(b))
+  if missing_blocks and not extra:
+    present_res4 = missing_blocks.get(2)
+    depth_guess = _DEPTH_FROM_STAGE4_BLOCKS.get(present_res4) if present_res4 is not None else None
+    first = min((p for p in missing
+                 if len(p) > 2 and p[1] == 'backbone' and p[2].startswith('res')),
+                key=lambda p: (int(p[2][3]), int(p[2].split('_')[1])))
+    if depth_guess is not None and depth_guess < spec.depth:
+      hints.append(f'missing {_fmt_path(first)}: the checkpoint has fewer blocks than {depth_name}'
+                   f' — is it a ResNet-{depth_guess} checkpoint?')
+  # Heads the checkpoint lacks or has in addition.
+  expected_for_spec = expected_shapes(spec, framework)
+
+  def head_missing(module: str) -> bool:
+    n_missing = sum(1 for p in missing if p[1] == module)
+    return n_missing > 0 and n_missing == sum(1 for p in expected_for_spec if p[1] == module)
+
+  if head_missing('mask_head'):
+    hints.append('the checkpoint has no mask-head keys — is it a Faster R-CNN (box-only) '
+                 'checkpoint? Mask R-CNN needs the mask branch')
+  iou_keys = [k for k in unmatched if 'mask_iou_head.' in k]
+  if iou_keys and not spec.has_maskiou:
+    hints.append(f'unexpected key {iou_keys[0]}: the checkpoint has a MaskIoU head — is it a '
+                 'Mask Scoring R-CNN checkpoint? (set ModelSpec(has_maskiou=True))')
+  if spec.has_maskiou and head_missing('maskiou_head'):
+    hints.append('the checkpoint has no MaskIoU-head keys — is it a plain Mask R-CNN checkpoint? '
+                 '(set ModelSpec(has_maskiou=False))')
+  if framework == 'torchvision':
+    v2_markers = [k for k in unmatched if re.match(
+        r'^(roi_heads\.box_head\.\d\.|rpn\.head\.conv\.1\.|'
+        r'backbone\.fpn\.(inner|layer)_blocks\.\d\.1\.|roi_heads\.mask_head\.\d\.1\.)', k)]
+    v1_markers = [k for k in unmatched
+                  if k.startswith(('roi_heads.box_head.fc6', 'roi_heads.box_head.fc7'))]
+    if v2_markers and not spec.torchvision_v2:
+      hints.append(f'unexpected key {v2_markers[0]}: is it a torchvision v2 '
+                   '(maskrcnn_resnet50_fpn_v2) checkpoint? (set ModelSpec(torchvision_v2=True))')
+    if v1_markers and spec.torchvision_v2:
+      hints.append(f'unexpected key {v1_markers[0]}: is it a torchvision v1 '
+                   '(maskrcnn_resnet50_fpn) checkpoint? (set ModelSpec(torchvision_v2=False))')
+  return hints
+
+
+def check_against(variables: Mapping[str, Any],
+                  expected: Mapping[tuple[str, ...], tuple[int, ...]], *,
+                  unmatched_keys: Iterable[str] = (),
+                  sources: Mapping[tuple[str, ...], str] | None = None,
+                  problems: Iterable[str] = (), framework: str | None = None,
+                  spec: ModelSpec | None = None, source: str | None = None,
+                  all_keys: list[str] | None = None) -> None:
+  """Raise `CheckpointMismatchError` unless `variables` has exactly the `expected` paths and shapes.
+
+  Args:
+    variables: nested {'params': ..., 'batch_stats': ...} of arrays (anything with `.shape`).
+    expected: path tuple (starting with the collection) -> shape, e.g. from `expected_shapes` or
+      from the model's `jax.eval_shape(model.init, ...)` flattened.
+    unmatched_keys: checkpoint keys that were not consumed; each is listed.
+    sources: variable path -> checkpoint key, to name the key next to a shape disagreement.
+    problems: further messages (layout errors, duplicates) to include.
+    framework, spec, all_keys: enable the "is it a ResNet-101 checkpoint?"-style diagnosis.
+    source: a file name for the message.
+
+  The message lists every unmatched checkpoint key, every missing model path and every shape
+  disagreement as "<path>: checkpoint (a,b) vs model (c,d)".
+  """
+  flat = flatten_variables(variables)
+  unmatched = list(unmatched_keys)
+  problems = list(problems)
+  sources = sources or {}
+  missing = [p for p in expected if p not in flat]
+  unexpected = [p for p in flat if p not in expected]
+  shape_errors = [(p, _shape_of(flat[p]), tuple(expected[p])) for p in flat
+                  if p in expected and _shape_of(flat[p]) != tuple(expected[p])]
+  if not (unmatched or missing or unexpected or shape_errors or problems):
+    return
+  framework = _canonical(framework) if framework else None
+  hints = _diagnose(framework=framework, spec=spec, unmatched=unmatched, missing=missing,
+                    shape_errors=shape_errors, all_keys=all_keys)
+  what = f'{framework} checkpoint' if framework else 'checkpoint'
+  head = f'{source}: ' if source else ''
+  lines = [f'{head}the {what} does not match the model'
+           + (f' ({spec.describe()})' if spec else '') + ':']
+  if hints:
+    lines.append('  diagnosis:')
+    lines += [f'    - {h}' for h in hints]
+  if problems:
+    lines.append(f'  {len(problems)} conversion problem(s):')
+    lines += [f'    {p}' for p in problems]
+  if unmatched:
+    lines.append(f'  {len(unmatched)} unmatched checkpoint key(s):')
+    lines += [f'    {k}' for k in unmatched]
+  if unexpected:
+    lines.append(f'  {len(unexpected)} variable(s) the model does not have:')
+    lines += [f'    {_fmt_path(p)}' + (f' (from {sources[p]})' if p in sources else '')
+              for p in unexpected]
+  if missing:
+    lines.append(f'  {len(missing)} model path(s) missing from the checkpoint:')
+    lines += [f'    {_fmt_path(p)} {_fmt_shape(expected[p])}' for p in missing]
+  if shape_errors:
+    lines.append(f'  {len(shape_errors)} shape disagreement(s):')
+    lines += [f'    {_fmt_path(p)}: checkpoint {_fmt_shape(got)} vs model {_fmt_shape(want)}'
+              + (f' [{sources[p]}]' if p in sources else '') for p, got, want in shape_errors]
+  raise CheckpointMismatchError('\n'.join(lines))
+
+
+_MODULE_ORDER = ('backbone', 'fpn', 'rpn_head', 'box_head', 'box_predictor', 'mask_head',
+                 'maskiou_head')
+
+
+def describe_match(variables: Mapping[str, Any],
+                   expected: Mapping[tuple[str, ...], tuple[int, ...]] | None = None, *,
+                   unmatched_keys: Iterable[str] = (), dropped_keys: Iterable[str] = ()) -> str:
+  """A one-line-per-module summary, e.g.
+
+    backbone: 265/265 variables matched, 0 missing, 0 shape mismatches
+    ...
+    checkpoint: 0 unmatched keys, 53 dropped (num_batches_tracked, cell_anchors)
+
+  Without `expected`, every variable counts as matched (a tally of what the tree holds).
+  """
+  flat = flatten_variables(variables)
+  if expected is None:
+    expected = {p: _shape_of(v) for p, v in flat.items()}
+  modules: dict[str, dict[str, int]] = {}
+
+  def counters(module: str) -> dict[str, int]:
+    return modules.setdefault(
+        module, {'expected': 0, 'matched': 0, 'missing': 0, 'shape': 0, 'extra': 0})
+
+  for p, shape in expected.items():
+    m = counters(p[1])
+    m['expected'] += 1
+    if p not in flat:
+      m['missing'] += 1
+    elif _shape_of(flat[p]) != tuple(shape):
+      m['shape'] += 1
+    else:
+      m['matched'] += 1
+  for p in flat:
+    if p not in expected:
+      counters(p[1])['extra'] += 1
+  lines = []
+  order = {name: i for i, name in enumerate(_MODULE_ORDER)}
+  for name, m in sorted(modules.items(), key=lambda kv: order.get(kv[0], len(order))):
+    line = (f"{name}: {m['matched']}/{m['expected']} variables matched, {m['missing']} missing, "
+            f"{m['shape']} shape mismatches")
+    if m['extra']:
+      line += f", {m['extra']} unexpected"
+    lines.append(line)
+  unmatched = list(unmatched_keys)
+  dropped = list(dropped_keys)
+  lines.append(f'checkpoint: {len(unmatched)} unmatched keys, {len(dropped)} dropped '
+               '(num_batches_tracked, cell_anchors)')
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec inference.
+
+
+def infer_spec(state: Mapping[str, np.ndarray], *, framework: str) -> ModelSpec:
+  """Guess the ModelSpec of a state dict from its keys and shapes.
+
+  depth from the number of res4 blocks (6 -> 50, 23 -> 101, 36 -> 152); groups and
+  width_per_group from res2 block 0 conv2 (w, w/g, 3, 3); has_maskiou from `mask_iou_head.` keys;
+  torchvision_v2 from the 4conv1fc box head / second RPN conv; num_classes = cls_score rows - 1.
+  """
+  framework = _canonical(framework)
+  block_re = _BLOCK_KEY_RES[framework]
+  counts = [0, 0, 0, 0]
+  for k in state:
+    m = block_re.match(k)
+    if m:
+      stage = _stage_index(framework, m)
+      if 0 <= stage < 4:
+        counts[stage] = max(counts[stage], int(m.group(2)) + 1)
+  depth = _DEPTH_FROM_STAGE4_BLOCKS.get(counts[2])
+  if depth is None:
+    raise CheckpointMismatchError(
+        f'cannot infer the ResNet depth: blocks per stage {tuple(counts)} match none of '
+        f'{ {d: b for d, b in _BLOCKS.items()} } (is it a {framework} Mask R-CNN state dict?)')
+  found = _infer_widths_and_classes(state, framework)
+  v2 = framework == 'torchvision' and any(
+      k.startswith(('roi_heads.box_head.5.', 'rpn.head.conv.1.')) for k in state)
+  has_maskiou = any('mask_iou_head.' in k for k in state)
+  return ModelSpec(depth=depth, has_maskiou=has_maskiou, torchvision_v2=v2, **found)
+
+
+def _infer_widths_and_classes(state: Mapping[str, np.ndarray],
+                              framework: str) -> dict[str, int]:
+  """groups / width_per_group from res2 block 0 conv2 (w, w/g, 3, 3); num_classes = cls rows - 1."""
+  conv2 = {'mmdet': 'backbone.layer1.0.conv2.weight',
+           'torchvision': 'backbone.body.layer1.0.conv2.weight',
+           'detectron2': 'backbone.bottom_up.res2.0.conv2.weight'}[framework]
+  groups, width_per_group = 1, 64
+  if conv2 in state and len(np.shape(state[conv2])) == 4:
+    w, w_in = np.shape(state[conv2])[:2]
+    groups = max(1, int(w) // max(1, int(w_in)))
+    width_per_group = int(w) // groups
+  cls = ('roi_head.bbox_head.fc_cls.weight' if framework == 'mmdet'
+         else 'roi_heads.box_predictor.cls_score.weight')
+  if cls in state:
+    num_classes = int(np.shape(state[cls])[0]) - 1
+  else:
+    num_classes = 90 if framework == 'torchvision' else 80
+  return {'groups': groups, 'width_per_group': width_per_group, 'num_classes': num_classes}
