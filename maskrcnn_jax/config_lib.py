@@ -8,7 +8,9 @@ Config layout (every field can be overridden on the command line, e.g. --config.
   model        backbone (depth, groups, width_per_group, stride_in_1x1, norm, norm_eps, freeze_at),
                pixel_mean/pixel_std/to_rgb/input_scale, fpn, rpn, roi heads, mask head, maskiou head
   data         test_short/test_max_size, size_divisibility, val/train sources
-  eval, optim, schedule, mesh, kernels, init, seed
+  optim        optimizer (optim_config), schedule: learning-rate schedule (schedule_config),
+  train        loop settings and global_batch (train_config), mesh: data-axis size (-1 = all)
+  eval, kernels, init, seed
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
     pixel: one of the pixel dicts above; defaults by style.
     norm_eps: frozen BN eps (torchvision v1 weights use 0.0).
     mask_scoring: adds the MaskIoU head (mmdet ms_rcnn).
-    schedule: '1x' | '2x' | '3x' (see the training issue; kept here for the recipe's record).
+    schedule: '1x' | '2x' | '3x' (torchvision: '26e' | '400e'); resolved by `schedule_config`.
     multiscale: mstrain recipes.
     torchvision_v2: BN in FPN and heads, 2 RPN convs, 4conv1fc box head.
     upstream: the upstream config name, for the record.
@@ -110,6 +112,9 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   m.mask_scoring = mask_scoring
   # RoIAlign: the adaptive grid (sampling_ratio 0) is capped at this many samples per bin axis.
   m.roi_align_max_grid = 8
+  # Training compute dtype: 'float32' or 'bfloat16' (mixed precision, float32 master weights;
+  # maskrcnn_jax/training/train_state.py).
+  m.dtype = "float32"
   # None: follow the convention (coordinate-offset trick on); False: exact per-class NMS.
   m.nms_coordinate_trick = None
 
@@ -117,16 +122,130 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   d.test_short = 800
   d.test_max_size = 1333
   d.size_divisibility = 32
-  d.train_short = (640, 800) if multiscale else (800,)
-  d.train_short_mode = "range" if (multiscale and convention == "mmdet") else "choice"
+  if not multiscale:
+    d.train_short, d.train_short_mode = (800,), "choice"
+  elif convention == "mmdet":  # mstrain-poly: short side uniformly in [640, 800]
+    d.train_short, d.train_short_mode = (640, 800), "range"
+  else:  # detectron2 MIN_SIZE_TRAIN (640, 672, ..., 800), one picked per image
+    d.train_short, d.train_short_mode = (640, 672, 704, 736, 768, 800), "choice"
   d.train_max_size = 1333
+  d.train_buckets = ()  # () = one bucket of the largest possible size
+  d.test_buckets = ()
+  d.max_instances = 100
+  d.gt_mask_size = 112  # instance masks cropped to their box and resized to this (training)
+  d.flip_prob = 0.5
+  d.train_filter_empty = True
+  d.num_workers = 2
   d.val_json = ""
   d.val_images = ""
 
-  c.schedule = schedule
+  c.schedule = schedule_config(schedule, convention=convention, upstream=upstream)
+  c.optim = optim_config(convention)
+  c.train = train_config()
+  c.mesh = ml_collections.ConfigDict(dict(data=-1))
   c.kernels = ml_collections.ConfigDict(dict(roi_align="auto"))
+  # A converted checkpoint directory (python -m maskrcnn_jax.convert) or a zoo file (.pth / .pkl,
+  # converted on the fly) to start training from; class-dependent layers are re-initialised when
+  # num_classes differs (maskrcnn_jax/training/checkpointing.py:load_init).
   c.init = ""
   return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: optimizer, schedule and loop settings (maskrcnn_jax/training/optimizer.py, parity_spec
+# 4.3). All frameworks: SGD momentum 0.9, weight decay 1e-4, base lr 0.02 at batch 16.
+# ------------------------------------------------------------------------------------------------
+
+# mmdet v2 recipes whose steps differ from their schedule's default (read from the upstream
+# configs): the r50-caffe mstrain-poly 2x/3x and x101-32x8d mstrain-poly 3x are `_base_`d on a 1x
+# recipe with their own `lr_config.step` and `max_epochs`, not on configs/common/*.
+_MMDET_STEP_OVERRIDES = {
+    "mask_rcnn_r50_caffe_fpn_mstrain-poly_2x_coco": (24, (16, 23)),
+    "mask_rcnn_r50_caffe_fpn_mstrain-poly_3x_coco": (36, (28, 34)),
+    "mask_rcnn_x101_32x8d_fpn_mstrain-poly_3x_coco": (36, (28, 34)),
+}
+
+
+def schedule_config(name: str, *, convention: str, upstream: str = "") -> ml_collections.ConfigDict:
+  """The recipe's learning-rate schedule (parity_spec 4.3) as config fields.
+
+  Fields: name ('1x' | '2x' | '3x' | '26e' | '400e' | custom), unit ('epoch' | 'step'), length
+  (epochs or iterations), steps (decay points, same unit), gamma, decay ('step' | 'cosine' |
+  'constant'), warmup_steps (iterations), warmup_ratio, repeat (epoch schedules: an 'epoch' is
+  `repeat` passes over the data, mmdet RepeatDataset), scale_steps_with_batch (step schedules:
+  detectron2 auto_scale_workers), warmup_within_first_epoch (torchvision: min(1000, len - 1)).
+  """
+  s = ml_collections.ConfigDict()
+  s.name = name
+  s.gamma = 0.1
+  s.decay = "step"
+  s.final_ratio = 0.0
+  s.warmup_ratio = 0.001
+  s.repeat = 1
+  s.scale_steps_with_batch = False
+  s.warmup_within_first_epoch = False
+  if convention == "detectron2":
+    # configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_{1x,3x}.yaml, WARMUP_ITERS 1000,
+    # WARMUP_FACTOR 1/1000.
+    table = {"1x": (90000, (60000, 80000)), "3x": (270000, (210000, 250000))}
+    if name not in table:
+      raise ValueError(f"unknown detectron2 schedule {name!r}; expected one of {sorted(table)}")
+    s.unit = "step"
+    s.length, s.steps = table[name]
+    s.warmup_steps = 1000
+    s.scale_steps_with_batch = True
+  elif convention == "mmdet":
+    # configs/_base_/schedules/schedule_{1x,2x}.py; configs/common/mstrain-poly_3x_coco_instance.py
+    # (RepeatDataset times=3 over a 12-epoch runner with steps [9, 11]). Warmup 500 it, 0.001.
+    table = {"1x": (12, (8, 11), 1), "2x": (24, (16, 22), 1), "3x": (12, (9, 11), 3)}
+    if name not in table:
+      raise ValueError(f"unknown mmdet schedule {name!r}; expected one of {sorted(table)}")
+    s.unit = "epoch"
+    s.length, s.steps, s.repeat = table[name]
+    if upstream in _MMDET_STEP_OVERRIDES:
+      (s.length, s.steps), s.repeat = _MMDET_STEP_OVERRIDES[upstream], 1
+    s.warmup_steps = 500
+  elif convention == "torchvision":
+    # references/detection: v1 26 epochs, steps [16, 22]; v2 400 epochs, steps [352, 384] (lr 0.1
+    # at batch 64, weight decay 4e-5: set in the v2 recipe). Warmup min(1000, len - 1), 0.001.
+    table = {"26e": (26, (16, 22)), "400e": (400, (352, 384)), "1x": (12, (8, 11)),
+             "2x": (24, (16, 22)), "3x": (36, (27, 33))}
+    if name not in table:
+      raise ValueError(f"unknown torchvision schedule {name!r}; expected one of {sorted(table)}")
+    s.unit = "epoch"
+    s.length, s.steps = table[name]
+    s.warmup_steps = 1000
+    s.warmup_within_first_epoch = True
+  else:
+    raise ValueError(f"unknown convention {convention!r}")
+  s.steps = tuple(s.steps)
+  return s
+
+
+def optim_config(convention: str) -> ml_collections.ConfigDict:
+  """SGD of the references (maskrcnn_jax/training/optimizer.py documents each rule).
+
+  weight_decay_norm: None = same as weight_decay (mmdet decays every parameter; torchvision too);
+  0.0 for detectron2 (SOLVER.WEIGHT_DECAY_NORM). grad_clip_norm 0 = off (mmdet Mask R-CNN
+  `grad_clip=None`; detectron2 CLIP_GRADIENTS disabled). base_lr is for base_batch images per
+  iteration and is scaled linearly to train.global_batch when scale_lr.
+  """
+  return ml_collections.ConfigDict(dict(
+      name="sgd", base_lr=0.02, base_batch=16, scale_lr=True, momentum=0.9, nesterov=False,
+      weight_decay=1e-4, weight_decay_norm=0.0 if convention == "detectron2" else None,
+      grad_clip_norm=0.0, frozen_patterns=()))
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """The training loop (maskrcnn_jax/training/trainer.py).
+
+  global_batch: images per iteration over all devices and hosts (the recipes' 16 = 8 GPUs x 2).
+  num_steps: 0 = the schedule's length. log_every / checkpoint_every / eval_every: iterations
+  (eval_every 0 = only at the end). keep_checkpoints: the last N are kept.
+  """
+  return ml_collections.ConfigDict(dict(
+      global_batch=16, num_steps=0, log_every=20, checkpoint_every=5000, keep_checkpoints=3,
+      async_checkpoints=True, eval_every=0, eval_batch=0, final_eval=True, data_seed=-1))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

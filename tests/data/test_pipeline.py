@@ -1,0 +1,203 @@
+"""Host training / evaluation transforms: shapes, flips, mask crops, multi-scale, determinism."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+
+from maskrcnn_jax import config_lib
+from maskrcnn_jax.data import coco
+from maskrcnn_jax.data import pipeline
+from maskrcnn_jax.data import transforms
+
+H, W = 40, 60
+BRIGHT, DARK = 200, 50
+# Instance A: an asymmetric 8 x 8 pattern at rows 5..12, columns 10..17 (bbox [10, 5, 8, 8]).
+PATTERN = np.array([
+    [1, 1, 1, 0, 0, 0, 0, 1],
+    [1, 1, 1, 0, 0, 0, 0, 0],
+    [1, 1, 1, 1, 0, 0, 0, 0],
+    [1, 1, 1, 1, 1, 0, 0, 0],
+    [0, 1, 1, 1, 1, 1, 0, 0],
+    [0, 0, 1, 1, 1, 1, 1, 0],
+    [0, 0, 0, 1, 1, 1, 1, 1],
+    [1, 0, 0, 0, 1, 1, 1, 1]], bool)
+PIXEL = dict(mmdet=config_lib.PYTORCH_RGB, detectron2=config_lib.CAFFE_BGR,
+             torchvision=config_lib.TORCHVISION_RGB01)
+
+
+def _rle(mask):
+  r = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+  r["counts"] = r["counts"].decode("ascii")
+  return r
+
+
+@pytest.fixture(scope="module")
+def dataset_files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipe")
+  a = np.zeros((H, W), bool)
+  a[5:13, 10:18] = PATTERN
+  crowd = np.zeros((H, W), bool)
+  crowd[28:36, 40:58] = True
+  image = np.full((H, W, 3), DARK, np.uint8)
+  image[a] = BRIGHT
+  image[20:30, 30:45] = 120  # instance B, a polygon box
+  cv2.imwrite(str(root / "a.png"), image)
+  anns = [
+      dict(id=1, image_id=7, category_id=2, iscrowd=0, bbox=[10, 5, 8, 8], area=int(a.sum()),
+           segmentation=_rle(a)),
+      dict(id=2, image_id=7, category_id=1, iscrowd=1, bbox=[40, 28, 18, 8], area=144,
+           segmentation=_rle(crowd)),
+      dict(id=3, image_id=7, category_id=1, iscrowd=0, bbox=[30, 20, 15, 10], area=150,
+           segmentation=[[30, 20, 45, 20, 45, 30, 30, 30]]),
+  ]
+  data = dict(images=[dict(id=7, file_name="a.png", height=H, width=W)], annotations=anns,
+              categories=[dict(id=1, name="one"), dict(id=2, name="two")])
+  (root / "ann.json").write_text(json.dumps(data))
+  return str(root / "ann.json"), str(root)
+
+
+def _config(convention="mmdet", short=(H,), mode="choice", max_size=1000, buckets=((96, 128),),
+            flip_prob=0.5, mask_size=8):
+  c = config_lib.mask_rcnn(convention=convention, pixel=PIXEL[convention])
+  c.data.train_short = short
+  c.data.train_short_mode = mode
+  c.data.train_max_size = max_size
+  c.data.train_buckets = buckets
+  c.data.max_instances = 4
+  c.data.gt_mask_size = mask_size
+  c.data.flip_prob = flip_prob
+  c.data.test_short = 2 * H
+  c.data.test_max_size = 1000
+  return c
+
+
+def test_crop_mask_hand_made():
+  mask = np.zeros((H, W), bool)
+  mask[5:13, 10:18] = PATTERN
+  box = (10.0, 5.0, 18.0, 13.0)
+  np.testing.assert_array_equal(pipeline.crop_mask(mask, box, 8), PATTERN)
+  np.testing.assert_array_equal(pipeline.crop_mask(mask, box, 16),
+                                np.kron(PATTERN, np.ones((2, 2))))
+  blocks = PATTERN.reshape(4, 2, 4, 2).mean((1, 3)) >= 0.5
+  np.testing.assert_array_equal(pipeline.crop_mask(mask, box, 4), blocks)
+  # A box larger than the instance: zeros around it; the half-pixel-shifted box of a 16-px crop.
+  out = pipeline.crop_mask(mask, (8.0, 3.0, 20.0, 15.0), 12)
+  np.testing.assert_array_equal(out[2:10, 2:10], PATTERN)
+  assert out.sum() == PATTERN.sum() and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("convention", ["mmdet", "detectron2", "torchvision"])
+def test_train_example_shapes(dataset_files, convention):
+  ds = coco.CocoDataset(*dataset_files, convention=convention)
+  ex = pipeline.train_example(ds, 7, _config(convention), rng=pipeline.example_rng(0, 0, 0))
+  want = dict(image=((96, 128, 3), np.float32), image_hw=((2,), np.int32),
+              gt_boxes=((4, 4), np.float32), gt_labels=((4,), np.int32), gt_valid=((4,), bool),
+              gt_crowd=((4,), bool), gt_masks=((4, 8, 8), np.uint8))
+  for k, (shape, dtype) in want.items():
+    assert ex[k].shape == shape and ex[k].dtype == dtype, k
+  assert ex["image_hw"].tolist() == [H, W]
+  assert ex["gt_valid"].tolist() == [True, True, True, False]
+  assert ex["gt_crowd"].tolist() == [False, False, True, False]  # non-crowd first
+  assert ex["gt_labels"][:3].tolist() == [1, 0, 0]
+  assert int(ex["image_id"]) == 7
+  assert np.all(ex["image"][H:] == 0) and np.all(ex["image"][:, W:] == 0)
+  assert np.all(ex["gt_boxes"][3] == 0) and np.all(ex["gt_masks"][3] == 0)
+
+
+@pytest.mark.parametrize("convention", ["mmdet", "detectron2", "torchvision"])
+@pytest.mark.parametrize("scale", [1, 2])
+def test_flip_consistency(dataset_files, convention, scale):
+  ds = coco.CocoDataset(*dataset_files, convention=convention)
+  s = 8 * scale
+  plain = pipeline.train_example(ds, 7, _config(convention, short=(H * scale,), flip_prob=0.0,
+                                                mask_size=s), rng=pipeline.example_rng(0, 0, 0))
+  flip = pipeline.train_example(ds, 7, _config(convention, short=(H * scale,), flip_prob=1.0,
+                                               mask_size=s), rng=pipeline.example_rng(0, 0, 0))
+  assert not plain["flipped"] and flip["flipped"]
+  h, w = plain["image_hw"]
+  assert (h, w) == (H * scale, W * scale)
+  np.testing.assert_array_equal(flip["image"][:h, :w], plain["image"][:h, :w][:, ::-1])
+  assert np.all(flip["image"][h:] == 0) and np.all(flip["image"][:, w:] == 0)
+  b = plain["gt_boxes"][:3]
+  np.testing.assert_array_equal(b[0], np.array([10, 5, 18, 13], np.float32) * scale)
+  np.testing.assert_allclose(flip["gt_boxes"][:3], np.stack(
+      [w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1))
+  np.testing.assert_array_equal(flip["gt_masks"], plain["gt_masks"][:, :, ::-1])
+  np.testing.assert_array_equal(plain["gt_masks"][0], np.kron(PATTERN, np.ones((scale, scale))))
+  # Boxes, masks and pixels agree: pasting the crop at its box reproduces the bright pixels of
+  # the (flipped, resized) image there. Bilinear 1x / 2x upsampling thresholded at the middle is
+  # nearest-neighbour, so this is exact.
+  cfg = _config(convention)
+  c = 0
+  mean, std = cfg.model.pixel_mean[c], cfg.model.pixel_std[c]
+  scale_in = cfg.model.input_scale
+  for ex in (plain, flip):
+    x1, y1, x2, y2 = ex["gt_boxes"][0].astype(int)
+    raw = (ex["image"][y1:y2, x1:x2, c] * std + mean) / scale_in
+    np.testing.assert_array_equal(raw > (BRIGHT + DARK) / 2, ex["gt_masks"][0].astype(bool))
+
+
+def test_multiscale_sizes(dataset_files):
+  ds = coco.CocoDataset(*dataset_files, convention="mmdet")
+  cfg = _config(short=(30, 50), mode="range", buckets=((64, 96),))
+  shorts = {int(pipeline.train_example(ds, 7, cfg, rng=pipeline.example_rng(1, 0, i))
+                ["image_hw"][0]) for i in range(30)}
+  assert min(shorts) >= 30 and max(shorts) <= 50 and len(shorts) > 8
+  rng = np.random.default_rng(0)
+  draws = {pipeline.sample_short_side(rng, (30, 50), "range") for _ in range(500)}
+  assert draws == set(range(30, 51))
+  draws = {pipeline.sample_short_side(rng, (32, 40, 48), "choice") for _ in range(100)}
+  assert draws == {32, 40, 48}
+  # max_size caps the long side: short 50 of 40x60 would be 50x75 > 64 -> 43x64 (mmdet rounding).
+  capped = pipeline.train_example(ds, 7, _config(short=(50,), max_size=64, buckets=((64, 64),)),
+                                  rng=pipeline.example_rng(0, 0, 0))
+  assert capped["image_hw"].tolist() == [43, 64]
+  with pytest.raises(ValueError, match="range"):
+    pipeline.sample_short_side(rng, (30, 40, 50), "range")
+
+
+def test_buckets():
+  assert pipeline.choose_bucket((40, 60), ((64, 64), (48, 64), (96, 128))) == (48, 64)
+  assert pipeline.choose_bucket((100, 60), ((64, 64),), fallback=(128, 128)) == (128, 128)
+  cfg = _config(short=(640, 800), max_size=1333)
+  assert pipeline.max_train_size(cfg) == (1344, 1344)
+
+
+def test_determinism(dataset_files):
+  ds = coco.CocoDataset(*dataset_files, convention="mmdet")
+  cfg = _config(short=(30, 50), mode="range", buckets=((64, 96),))
+  a = pipeline.train_example(ds, 7, cfg, rng=pipeline.example_rng(5, 2, 3))
+  b = pipeline.train_example(ds, 7, cfg, rng=pipeline.example_rng(5, 2, 3))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  outs = {(int(e["image_hw"][0]), bool(e["flipped"])) for e in (
+      pipeline.train_example(ds, 7, cfg, rng=pipeline.example_rng(5, epoch, 3))
+      for epoch in range(8))}
+  assert len(outs) > 1
+
+
+def test_eval_example_is_preprocess(dataset_files):
+  ds = coco.CocoDataset(*dataset_files, convention="detectron2")
+  cfg = _config("detectron2")
+  ex = pipeline.eval_example(ds, 7, cfg)
+  want = transforms.preprocess(ds.read_image(7), convention="detectron2",
+                               pixel_mean=cfg.model.pixel_mean, pixel_std=cfg.model.pixel_std,
+                               to_rgb=cfg.model.to_rgb, short=2 * H, max_size=1000)
+  np.testing.assert_array_equal(ex["image"], want["image"])
+  assert ex["image_hw"].tolist() == [2 * H, 2 * W] and ex["orig_hw"].tolist() == [H, W]
+  np.testing.assert_array_equal(ex["scale_factor"], want["scale_factor"])
+  assert ex["image"].shape == (96, 128, 3)  # padded to a multiple of 32
+  padded = pipeline.eval_example(ds, 7, cfg, pad_to=(128, 128))
+  assert padded["image"].shape == (128, 128, 3)
+
+
+def test_batch_examples_pads_images():
+  a = dict(image=np.ones((32, 64, 3), np.float32), image_id=np.array(1))
+  b = dict(image=np.ones((64, 32, 3), np.float32), image_id=np.array(2))
+  batch = pipeline.batch_examples([a, b])
+  assert batch["image"].shape == (2, 64, 64, 3) and batch["image_id"].tolist() == [1, 2]
+  assert batch["image"][0, 32:].sum() == 0 and batch["image"][1, :, 32:].sum() == 0
