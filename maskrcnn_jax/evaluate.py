@@ -1,0 +1,127 @@
+"""COCO bbox / segm evaluation of a converted (or trained) checkpoint on a val set.
+
+  python -m maskrcnn_jax.evaluate --config configs/mmdet/mask_rcnn_r50_fpn_1x_coco.py \
+      --checkpoint converted/r50_fpn_1x --workdir eval_out \
+      --config.data.val_json=coco/annotations/instances_val2017.json \
+      --config.data.val_images=coco/val2017
+
+The val set is config.data.val_json / val_images (any COCO-format json and its images), or the
+built-in shapes dataset's val split when config.data.builtin is set (or config.data.val_source is
+'builtin'). Runs on every local device; for several hosts start one process per host with
+--distributed (jax.distributed.initialize() auto-detection) or --coordinator_address /
+--num_processes / --process_id. Writes OUT/predictions.json (COCO results) and OUT/metrics.json
+(percent) and prints COCOeval's summaries and a table.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional
+
+from absl import app, flags
+import ml_collections
+from ml_collections import config_flags
+
+
+def resolve_val_set(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(annotation json, image dir) of the config's val set; ValueError when there is none."""
+  data = config.data
+  builtin = data.get("builtin", None)
+  if data.get("val_source", "") == "builtin" or (builtin and not data.get("val_json", "")):
+    from maskrcnn_jax.data import builtin as builtin_lib  # pylint: disable=g-import-not-at-top
+    kwargs = dict(builtin or {})
+    cache_dir = kwargs.pop("cache_dir", None) or None
+    return builtin_lib.ensure_builtin_dataset(cache_dir, **kwargs)["val"]
+  if not data.get("val_json", ""):
+    raise ValueError("no val set: set --config.data.val_json and --config.data.val_images (a "
+                     "COCO-format json and its image folder), or config.data.builtin")
+  images = data.get("val_images", "") or os.path.dirname(os.path.abspath(data.val_json))
+  return data.val_json, images
+
+
+def adopt_checkpoint_classes(config: ml_collections.ConfigDict, checkpoint: str,
+                             log: Callable[[str], None] = print) -> None:
+  """Takes category_ids / num_classes from the checkpoint's saved config where the recipe lacks them.
+
+  A checkpoint trained on a custom dataset records its classes in DIR/config.json; the recipe file
+  usually does not.
+  """
+  from maskrcnn_jax.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
+  saved = orbax_io.load_saved_config(checkpoint)
+  if saved is None or config.get("category_ids", None):
+    return
+  ids = saved.get("category_ids", None)
+  if not ids:
+    return
+  with config.unlocked():
+    config.category_ids = tuple(int(i) for i in ids)
+    if saved.get("category_names", None):
+      config.category_names = tuple(saved.category_names)
+    num = int(saved.get("model", {}).get("num_classes", config.model.num_classes))
+    if num != int(config.model.num_classes):
+      log(f"{checkpoint}/config.json: model.num_classes {config.model.num_classes} -> {num}")
+      config.model.num_classes = num
+  log(f"using the checkpoint's {len(config.category_ids)} category ids")
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
+                        workdir: Optional[str] = None, **kwargs) -> Dict[str, Dict[str, float]]:
+  """Loads DIR/variables (orbax, `checkpoints.orbax_io`) and runs `evaluator.evaluate`.
+
+  kwargs go to `evaluator.evaluate` (batch_size_per_device, num_workers, per_class, ...).
+  """
+  from maskrcnn_jax.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  log = kwargs.get("log", evaluator._default_log)  # pylint: disable=protected-access
+  annotation_file, image_dir = resolve_val_set(config)
+  adopt_checkpoint_classes(config, checkpoint, log)
+  variables = orbax_io.load_variables(checkpoint)
+  return evaluator.evaluate(config, variables, annotation_file=annotation_file,
+                            image_dir=image_dir, workdir=workdir, **kwargs)
+
+
+def main():
+  # Flags are defined here, not at import, so that the CLIs can be imported side by side.
+  config = config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
+  checkpoint = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory.")
+  workdir = flags.DEFINE_string(
+      "workdir", None, "Output directory for predictions.json and metrics.json "
+      "(default: <checkpoint>/eval).")
+  batch = flags.DEFINE_integer("batch_size_per_device", 1, "Images per device per step.")
+  workers = flags.DEFINE_integer("num_workers", 2, "Mask paste / RLE / COCOeval worker processes "
+                                 "(0: in the main process).")
+  threads = flags.DEFINE_integer("num_loader_threads", 4, "Image decoding threads.")
+  pad_multiple = flags.DEFINE_integer(
+      "pad_multiple", None, "Pad inputs to multiples of this (default data.size_divisibility, "
+      "the references' padding; larger = fewer compiles, small differences at image borders).")
+  per_class = flags.DEFINE_bool("per_class", False, "Also report per-category AP.")
+  max_images = flags.DEFINE_integer("max_images", None, "Evaluate only the first N image ids.")
+  cache = flags.DEFINE_string("compilation_cache", None,
+                              "JAX persistent compilation cache directory (speeds up reruns).")
+  distributed = flags.DEFINE_bool("distributed", False,
+                                  "Call jax.distributed.initialize() (cluster auto-detection).")
+  coordinator = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+  num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  process_id = flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.mark_flags_as_required(["config", "checkpoint"])
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax  # pylint: disable=g-import-not-at-top
+    if coordinator.value or distributed.value:
+      jax.distributed.initialize(coordinator_address=coordinator.value,
+                                 num_processes=num_processes.value, process_id=process_id.value)
+    if cache.value:
+      jax.config.update("jax_compilation_cache_dir", cache.value)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    out = workdir.value or os.path.join(checkpoint.value, "eval")
+    evaluate_checkpoint(
+        config.value, checkpoint.value, out, batch_size_per_device=batch.value,
+        num_workers=workers.value, num_loader_threads=threads.value,
+        pad_multiple=pad_multiple.value, per_class=per_class.value, max_images=max_images.value)
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()

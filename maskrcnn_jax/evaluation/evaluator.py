@@ -1,0 +1,528 @@
+"""Sharded COCO evaluation: inference over a whole val set on every device and process, then COCOeval.
+
+`evaluate(config, variables, annotation_file=..., image_dir=...)` is what `python -m
+maskrcnn_jax.evaluate` and training's periodic evaluation call. The work is split as follows.
+
+* **Plan (every process, identical).** The image ids of the json, sorted, are grouped by their exact
+  padded input size: the test resize of the json's width/height, rounded up to a multiple of
+  `pad_multiple` (default `data.size_divisibility`, 32: what the reference frameworks pad each image
+  to, so detections match them; one compile per distinct padded size). Each group is cut into global
+  batches of `batch_size_per_device * jax.device_count()` slots; the last batch of a group is filled
+  with dummy images whose results are dropped. Every process walks the same list of batches.
+* **Devices.** A 1-D `Mesh` over all devices with axis 'data'; the model is `jax.jit`-ed with
+  `NamedSharding(mesh, P('data'))` on the batch axis of inputs and outputs and replicated variables.
+  Works for any device count.
+* **Processes** (`jax.distributed.initialize()` beforehand). The slots of a global batch belong to
+  the devices that hold them: a process loads only the images of the slots its addressable devices
+  hold (`sharding.addressable_devices_indices_map`), builds its part of the global batch with
+  `jax.make_array_from_single_device_arrays`, and reads back only its addressable output shards. So
+  each process reads and pastes its own shard of the image ids.
+* **Host side, overlapped with the device.** Images are decoded and preprocessed by a thread pool
+  a few batches ahead; batch k+1 is dispatched before the outputs of batch k are fetched; each
+  image's valid detections go to a process pool ('spawn' context: safe with JAX's threads) that
+  pastes the 28x28 masks inside their boxes and RLE-encodes them from the box window
+  (`evaluation.host`), so memory per image is bounded by its boxes, never [N, H, W].
+* **Gather.** Each process encodes its results (zlib-compressed JSON) and all processes exchange
+  them with `multihost_utils.process_allgather` (lengths first, then fixed-size byte chunks); the
+  merged results are ordered by image id (detections of an image in score order), so the output is
+  the same for any device or process count. Every process then runs COCOeval on the same results
+  (identical metrics everywhere, no broadcast); process 0 writes `workdir/predictions.json` and
+  `workdir/metrics.json`.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import math
+import multiprocessing
+import os
+import time
+import zlib
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax.data import transforms
+from maskrcnn_jax.evaluation import coco_eval, host
+from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, ModelConfig
+
+_INPUT_KEYS = ("image", "image_hw", "orig_hw", "scale_factor")
+_GATHER_CHUNK = 1 << 26  # bytes per process_allgather call
+
+
+class EmptyDatasetError(coco_eval.EvaluationError):
+  """The val set has no images."""
+
+
+class MissingImagesError(FileNotFoundError):
+  """Image files named in the annotation file are not in the image directory."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset and plan
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalImage:
+  image_id: int
+  path: str
+  hw: Tuple[int, int]  # original (H, W) from the json
+  padded_hw: Tuple[int, int]  # model input size of its batch
+
+
+@dataclasses.dataclass
+class Batch:
+  padded_hw: Tuple[int, int]
+  images: List[Optional[EvalImage]]  # global_batch slots; None = dummy padding
+
+
+def _image_hw(info: Dict[str, Any], path: str) -> Tuple[int, int]:
+  if info.get("height") and info.get("width"):
+    return int(info["height"]), int(info["width"])
+  with Image.open(path) as im:  # header only: no decode
+    return int(im.size[1]), int(im.size[0])
+
+
+def load_val_set(config: ml_collections.ConfigDict, annotation_file: str, image_dir: str, *,
+                 max_images: Optional[int] = None):
+  """Reads the json, checks categories and image files; returns (gt COCO, [EvalImage], table).
+
+  Every image of the json is evaluated, with or without annotations (as all three references do
+  at test time).
+
+  TODO: read through `maskrcnn_jax.data.coco.CocoDataset` once it lands (the evaluation needs every
+  image of the json and the pycocotools COCO object for COCOeval; keep both).
+
+  Raises:
+    FileNotFoundError: no annotation file.
+    EmptyDatasetError: the json lists no images.
+    coco_eval.CategoryMismatchError: categories differ from the checkpoint's classes.
+    MissingImagesError: naming the missing image files.
+  """
+  gt = coco_eval.load_ground_truth(annotation_file)
+  ids = sorted(int(i) for i in gt.getImgIds())
+  if max_images is not None:
+    ids = ids[:int(max_images)]
+  if not ids:
+    raise EmptyDatasetError(f"the val set {annotation_file} has no images")
+  table = coco_eval.check_categories(gt.getCatIds(), config, annotation_file)
+  paths = [os.path.join(image_dir, gt.imgs[i]["file_name"]) for i in ids]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    shown = "\n  ".join(missing[:10])
+    more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+    raise MissingImagesError(
+        f"{len(missing)} of {len(paths)} images of {annotation_file} are missing under "
+        f"{image_dir}:\n  {shown}{more}")
+  conv = conventions_lib.get(config.convention)
+  short, max_size = int(config.data.test_short), int(config.data.test_max_size)
+  images = []
+  for i, path in zip(ids, paths):
+    hw = _image_hw(gt.imgs[i], path)
+    new_hw = transforms.test_resize_size(*hw, rule=conv.resize, short=short, max_size=max_size)
+    images.append(EvalImage(i, path, hw, new_hw))
+  return gt, images, table
+
+
+def plan_batches(images: Sequence[EvalImage], global_batch: int, pad_multiple: int) -> List[Batch]:
+  """Groups images by padded size (rounded up to pad_multiple) into fixed-size global batches.
+
+  `EvalImage.padded_hw` holds the resized (unpadded) size on input; it is replaced by the padded
+  size. Groups in ascending size order, image ids ascending inside a group.
+  """
+  div = max(int(pad_multiple), 1)
+  groups: Dict[Tuple[int, int], List[EvalImage]] = collections.defaultdict(list)
+  for im in images:
+    h, w = im.padded_hw
+    im.padded_hw = (int(math.ceil(h / div) * div), int(math.ceil(w / div) * div))
+    groups[im.padded_hw].append(im)
+  batches = []
+  for hw in sorted(groups):
+    group = sorted(groups[hw], key=lambda x: x.image_id)
+    for s in range(0, len(group), global_batch):
+      chunk: List[Optional[EvalImage]] = list(group[s:s + global_batch])
+      chunk += [None] * (global_batch - len(chunk))
+      batches.append(Batch(hw, chunk))
+  return batches
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-process helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def allgather_bytes(data: bytes) -> List[bytes]:
+  """Every process's `data`, in process order (one entry when there is one process)."""
+  if jax.process_count() == 1:
+    return [data]
+  n = np.array([len(data)], np.int32)
+  lengths = np.asarray(multihost_utils.process_allgather(n)).reshape(-1)
+  total = int(lengths.max())
+  buf = np.zeros(max(total, 1), np.uint8)
+  buf[:len(data)] = np.frombuffer(data, np.uint8)
+  parts: List[List[np.ndarray]] = [[] for _ in lengths]
+  for off in range(0, max(total, 1), _GATHER_CHUNK):
+    piece = buf[off:off + _GATHER_CHUNK]
+    gathered = np.asarray(multihost_utils.process_allgather(piece))
+    for p in range(len(lengths)):
+      parts[p].append(gathered[p])
+  return [np.concatenate(parts[p])[:int(lengths[p])].tobytes() for p in range(len(lengths))]
+
+
+def _encode_results(per_image: Dict[int, List[Dict[str, Any]]]) -> bytes:
+  return zlib.compress(json.dumps(sorted(per_image.items())).encode("utf-8"), 1)
+
+
+def gather_results(per_image: Dict[int, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+  """All processes' results, ordered by image id (each image's detections in their order)."""
+  if jax.process_count() == 1:
+    return [e for i in sorted(per_image) for e in per_image[i]]
+  merged: Dict[int, List[Dict[str, Any]]] = {}
+  for blob in allgather_bytes(_encode_results(per_image)):
+    for image_id, entries in json.loads(zlib.decompress(blob).decode("utf-8")):
+      if int(image_id) in merged:
+        raise RuntimeError(f"image {image_id} was evaluated by two processes")
+      merged[int(image_id)] = entries
+  return [e for i in sorted(merged) for e in merged[i]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class InferenceStats:
+  """Wall-clock accounting of `run_inference` (seconds; this process)."""
+  images: int = 0  # real images of the whole val set (all processes)
+  local_images: int = 0
+  batches: int = 0
+  compiles: int = 0  # distinct padded sizes
+  wall: float = 0.0
+  load_cpu: float = 0.0  # summed over loader threads
+  paste_cpu: float = 0.0  # summed over paste workers
+  wait_load: float = 0.0  # main thread blocked on image loading
+  wait_device: float = 0.0  # main thread blocked on device outputs
+  wait_paste: float = 0.0  # main thread blocked on paste workers (backpressure + tail)
+  gather: float = 0.0
+
+  def as_dict(self) -> Dict[str, float]:
+    return dataclasses.asdict(self)
+
+
+def _default_log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def make_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """A 1-D mesh with axis 'data' over `devices` (default: all devices of all processes)."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_forward(model_cfg: ModelConfig, precision: Any, mesh: Mesh):
+  """The jitted, batch-sharded model; cached so that repeated evaluations (training's periodic
+  evaluation, benchmarks) reuse the compiled executables of every padded size."""
+  model = MaskRCNN(model_cfg, train=False, precision=precision)  # as modeling.build.build_model
+  data = NamedSharding(mesh, P("data"))
+  return jax.jit(model.apply, in_shardings=(NamedSharding(mesh, P()),) + (data,) * 4,
+                 out_shardings=data)
+
+
+def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Sequence[EvalImage],
+                  table: np.ndarray, *, batch_size_per_device: int = 1, num_workers: int = 2,
+                  num_loader_threads: int = 4, pad_multiple: Optional[int] = None,
+                  mesh: Optional[Mesh] = None, precision: Any = None,
+                  executor: Optional[concurrent.futures.Executor] = None,
+                  log: Callable[[str], None] = _default_log, progress_every_s: float = 30.0
+                  ) -> Tuple[List[Dict[str, Any]], InferenceStats]:
+  """Runs the model on every image and returns COCO results of all processes, in image-id order.
+
+  Args:
+    config: the recipe config (model, convention, data.test_short / test_max_size /
+      size_divisibility).
+    variables: {'params', 'batch_stats'} (numpy or jax arrays, same values on every process).
+    images: `load_val_set`'s images (all of them, on every process).
+    table: [L] label -> category id (`coco_eval.check_categories`).
+    batch_size_per_device: images per device per step.
+    num_workers: paste / RLE worker processes (0: in this thread).
+    num_loader_threads: threads decoding and preprocessing images ahead of the device.
+    pad_multiple: pad inputs to multiples of this (default data.size_divisibility, the
+      references' padding; a larger value means fewer compiles but results that differ slightly
+      from the references near the bottom / right image border).
+    mesh: a 1-D mesh with axis 'data' (default `make_mesh()`).
+    precision: passed to the model (`jax.lax.Precision`).
+    executor: a process pool to paste with instead of starting one.
+    log: progress lines.
+    progress_every_s: seconds between progress lines.
+
+  Returns:
+    (results: list of COCO result dicts with 'segmentation' (and 'mask_score' for Mask Scoring
+    R-CNN), ordered by image id; stats).
+  """
+  t_start = time.perf_counter()
+  stats = InferenceStats()
+  mesh = mesh or make_mesh()
+  if "data" not in mesh.axis_names:
+    raise ValueError(f"the mesh needs a 'data' axis, got {mesh.axis_names}")
+  num_devices = int(mesh.shape["data"])  # other mesh axes (if any) hold replicas
+  global_batch = int(batch_size_per_device) * num_devices
+  pad_multiple = int(pad_multiple or config.data.size_divisibility or 1)
+  div = int(config.data.size_divisibility or 1)
+  if pad_multiple % div:
+    raise ValueError(f"pad_multiple {pad_multiple} must be a multiple of data.size_divisibility "
+                     f"{div}")
+  images = [dataclasses.replace(im) for im in images]
+  batches = plan_batches(images, global_batch, pad_multiple)
+  stats.images = len(images)
+  stats.batches = len(batches)
+  stats.compiles = len({b.padded_hw for b in batches})
+
+  data_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  slot_map = data_sharding.addressable_devices_indices_map((global_batch,))
+  device_slots = {d: range(*idx[0].indices(global_batch)) for d, idx in slot_map.items()}
+  local_slots = sorted({s for r in device_slots.values() for s in r})
+  row_of = {s: r for r, s in enumerate(local_slots)}
+
+  forward = _sharded_forward(ModelConfig.from_config(config), precision, mesh)
+  variables = jax.device_put(variables, replicated)
+  kwargs = host.preprocess_kwargs(config)
+  convention = str(config.convention)
+  log(f"evaluating {len(images)} images on {num_devices} device(s) in {jax.process_count()} "
+      f"process(es): {len(batches)} batches of {global_batch}, {stats.compiles} padded sizes "
+      f"(multiples of {pad_multiple})")
+
+  own_pool = None
+  if executor is None and num_workers > 0:
+    own_pool = executor = concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context("spawn"))
+  loader = concurrent.futures.ThreadPoolExecutor(max(int(num_loader_threads), 1))
+
+  def submit_loads(batch: Batch):
+    futures = []
+    for slot in local_slots:
+      im = batch.images[slot]
+      futures.append(None if im is None else loader.submit(
+          host.load_image, im.path, kwargs, batch.padded_hw, im.hw))
+    return futures
+
+  def dummy(hw):
+    return dict(image=np.zeros((hw[0], hw[1], 3), np.float32), image_hw=hw, orig_hw=hw,
+                scale_factor=np.ones(2, np.float32))
+
+  def global_inputs(batch: Batch, futures):
+    t0 = time.perf_counter()
+    loaded = []
+    for f in futures:
+      if f is None:
+        loaded.append(dummy(batch.padded_hw))
+      else:
+        item = f.result()
+        stats.load_cpu += item.pop("seconds")
+        loaded.append(item)
+    stats.wait_load += time.perf_counter() - t0
+    local = {
+        "image": np.stack([x["image"] for x in loaded]),
+        "image_hw": np.asarray([x["image_hw"] for x in loaded], np.int32).reshape(-1, 2),
+        "orig_hw": np.asarray([x["orig_hw"] for x in loaded], np.int32).reshape(-1, 2),
+        "scale_factor": np.asarray([x["scale_factor"] for x in loaded],
+                                   np.float32).reshape(-1, 2),
+    }
+    out = []
+    for key in _INPUT_KEYS:
+      arr = local[key]
+      shards = [jax.device_put(arr[[row_of[s] for s in slots]], d)
+                for d, slots in device_slots.items()]
+      out.append(jax.make_array_from_single_device_arrays(
+          (global_batch,) + arr.shape[1:], data_sharding, shards))
+    return out
+
+  per_image: Dict[int, List[Dict[str, Any]]] = {}
+  pending: collections.deque = collections.deque()
+  max_pending = max(4 * max(num_workers, 1) * len(local_slots), 16)
+
+  def take_paste(fut):
+    image_id, entries, seconds = fut.result()
+    stats.paste_cpu += seconds
+    per_image[image_id] = entries
+
+  def drain(limit: int):
+    t0 = time.perf_counter()
+    while pending and (len(pending) > limit or pending[0].done()):
+      take_paste(pending.popleft())
+    stats.wait_paste += time.perf_counter() - t0
+
+  def handle_outputs(batch: Batch, out):
+    t0 = time.perf_counter()
+    host_out: Dict[str, Dict[int, np.ndarray]] = {}
+    for key, arr in out.items():
+      rows = {}
+      for shard in arr.addressable_shards:
+        data = np.asarray(shard.data)
+        for j, slot in enumerate(range(*shard.index[0].indices(global_batch))):
+          rows[slot] = data[j]
+      host_out[key] = rows
+    stats.wait_device += time.perf_counter() - t0
+    for slot in local_slots:
+      im = batch.images[slot]
+      if im is None:
+        continue
+      keep = host_out["valid"][slot]
+      job = dict(image_id=im.image_id, orig_hw=im.hw, convention=convention, category_ids=table,
+                 **{k: host_out[k][slot][keep] for k in
+                    ("boxes", "scores", "labels", "paste_boxes", "mask_probs")})
+      if "mask_scores" in host_out:
+        job["mask_scores"] = host_out["mask_scores"][slot][keep]
+      if executor is None:
+        take_paste(_Done(host.paste_and_encode(job)))
+      else:
+        pending.append(executor.submit(host.paste_and_encode, job))
+      stats.local_images += 1
+    drain(max_pending)
+
+  prefetch = 2
+  try:
+    loads = collections.deque(submit_loads(b) for b in batches[:prefetch])
+    in_flight = None
+    done_images, last_log = 0, time.perf_counter()
+    for k, batch in enumerate(batches):
+      inputs = global_inputs(batch, loads.popleft())
+      if k + prefetch < len(batches):
+        loads.append(submit_loads(batches[k + prefetch]))
+      out = forward(variables, *inputs)  # asynchronous dispatch
+      if in_flight is not None:
+        handle_outputs(*in_flight)
+        done_images += sum(im is not None for im in in_flight[0].images)
+      in_flight = (batch, out)
+      now = time.perf_counter()
+      if now - last_log >= progress_every_s and done_images:
+        rate = done_images / (now - t_start)
+        log(f"eval: {done_images}/{len(images)} images, {rate:.2f} img/s, "
+            f"ETA {_fmt_eta((len(images) - done_images) / rate)}")
+        last_log = now
+    if in_flight is not None:
+      handle_outputs(*in_flight)
+    drain(0)
+  finally:
+    loader.shutdown(wait=False, cancel_futures=True)
+    if own_pool is not None:
+      own_pool.shutdown(wait=True, cancel_futures=True)
+  t0 = time.perf_counter()
+  results = gather_results(per_image)
+  stats.gather = time.perf_counter() - t0
+  stats.wall = time.perf_counter() - t_start
+  log(f"inference done: {len(images)} images in {stats.wall:.1f} s "
+      f"({len(images) / max(stats.wall, 1e-9):.2f} img/s), {len(results)} detections")
+  return results, stats
+
+
+class _Done:
+  """A finished future holding `value` (the in-thread paste path)."""
+
+  def __init__(self, value):
+    self._value = value
+
+  def result(self):
+    return self._value
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate(config: ml_collections.ConfigDict, variables: Any, *, annotation_file: str,
+             image_dir: str, workdir: Optional[str] = None, batch_size_per_device: int = 1,
+             num_workers: int = 2, num_loader_threads: int = 4,
+             pad_multiple: Optional[int] = None, per_class: bool = False,
+             max_images: Optional[int] = None, coco_workers: Optional[int] = None,
+             mesh: Optional[Mesh] = None, precision: Any = None,
+             log: Callable[[str], None] = _default_log,
+             progress_every_s: float = 30.0) -> Dict[str, Dict[str, float]]:
+  """COCO bbox and segm AP of `variables` on a COCO-format val set, on all devices and processes.
+
+  Args:
+    config: the recipe config.
+    variables: {'params', 'batch_stats'} (identical on every process).
+    annotation_file: COCO-format json (every image in it is evaluated).
+    image_dir: folder the json's file_names are relative to.
+    workdir: where process 0 writes predictions.json and metrics.json (None: nothing written).
+    batch_size_per_device: images per device per step.
+    num_workers: paste / RLE worker processes (0: in the main thread); also used by COCOeval.
+    num_loader_threads: image decode / preprocess threads.
+    pad_multiple: see `run_inference` (default: data.size_divisibility, reference parity).
+    per_class: add per-category AP ('AP-<name>') and print a per-class table.
+    max_images: evaluate only the first N image ids (quick checks).
+    coco_workers: worker processes for COCOeval's per-image stage (identical numbers; default
+      num_workers; 0 or 1: serial pycocotools).
+    mesh: 1-D mesh with axis 'data' (default: all devices).
+    precision: model matmul / conv precision.
+    log: where progress, the COCOeval summaries and the table go.
+    progress_every_s: seconds between progress lines.
+
+  Returns:
+    {'bbox': {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm',
+    'ARl'}, 'segm': {...}} in percent (NaN where COCOeval has nothing to evaluate), the same on
+    every process. Mask Scoring R-CNN configs score segm results with the mask score.
+
+  Raises:
+    EmptyDatasetError, coco_eval.CategoryMismatchError, MissingImagesError (see
+    `load_val_set`), host.ImageSizeMismatchError.
+  """
+  gt, images, table = load_val_set(config, annotation_file, image_dir, max_images=max_images)
+  coco_workers = num_workers if coco_workers is None else int(coco_workers)
+  pool = None
+  if max(num_workers, coco_workers) > 0:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max(num_workers, coco_workers), mp_context=multiprocessing.get_context("spawn"))
+  try:
+    results, stats = run_inference(
+        config, variables, images, table, batch_size_per_device=batch_size_per_device,
+        num_workers=num_workers, num_loader_threads=num_loader_threads,
+        pad_multiple=pad_multiple, mesh=mesh, precision=precision,
+        executor=pool if num_workers > 0 else None, log=log, progress_every_s=progress_every_s)
+    t0 = time.perf_counter()
+    metrics = coco_eval.evaluate_results(
+        gt, results, image_ids=[im.image_id for im in images], per_class=per_class,
+        executor=pool if coco_workers > 1 else None, log=log)
+    t_coco = time.perf_counter() - t0
+  finally:
+    if pool is not None:
+      pool.shutdown(wait=True, cancel_futures=True)
+  total = stats.wall + t_coco
+  log(f"evaluation: {len(images)} images in {total:.1f} s ({len(images) / total:.2f} img/s; "
+      f"inference {stats.wall:.1f} s, COCOeval {t_coco:.1f} s)")
+  if workdir and jax.process_index() == 0:
+    write_outputs(workdir, results, metrics)
+    log(f"wrote {os.path.join(workdir, 'predictions.json')} and "
+        f"{os.path.join(workdir, 'metrics.json')}")
+  return metrics
+
+
+def write_outputs(workdir: str, results: Sequence[Dict[str, Any]],
+                  metrics: Dict[str, Dict[str, float]]) -> None:
+  """workdir/predictions.json (COCO results) and workdir/metrics.json (percent, NaN as null)."""
+  os.makedirs(workdir, exist_ok=True)
+  for name, obj in (("predictions.json", list(results)),
+                    ("metrics.json", coco_eval.metrics_to_json(metrics))):
+    tmp = os.path.join(workdir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2 if name == "metrics.json" else None)
+    os.replace(tmp, os.path.join(workdir, name))

@@ -1,0 +1,225 @@
+"""Whole-evaluation speed: images/s of inference + mask paste + RLE + COCOeval, and the host share.
+
+  python scripts/benchmark_eval.py [--num_images 4] [--batch_size_per_device 1] [--num_workers 2]
+      [--recipe mmdet/mask_rcnn_r50_fpn_1x_coco] [--json OUT.json]
+
+Model: the recipe's R-50-FPN with deterministic seeded weights (`checkpoints.synthetic` on the key
+list in tests/fixtures/checkpoint_keys, converted by the real converter's `convert_state_dict`),
+with a few entries rescaled so that random weights behave like a trained detector at test time:
+small residual branches (features stay O(1)), small box regressors (proposals ~ anchors), and ten
+classes whose logit bias lifts them over the 0.05 score threshold, so every image yields the full
+100 detections with 28x28 masks, as a trained COCO model does. Nothing here measures accuracy.
+
+Data: scikit-image's sample photographs, resized to 480x640 (a typical COCO size; 800x1088 padded
+model input at 800/1333), written as PNG with a COCO json of 7 instances per image (COCO's mean).
+
+Measured (one process, all local devices):
+  * compile: the first batch of the padded size (reported, excluded from throughput).
+  * device only: the jitted forward on a preloaded batch, repeated (lower bound of the device time).
+  * whole evaluation: `evaluator.run_inference` (decode + preprocess threads, device, paste + RLE
+    worker processes, overlapped) + `coco_eval.evaluate_results` (bbox and segm COCOeval).
+  * host share = 1 - device-only time / whole-evaluation wall time: the part of the wall clock that
+    is host work not hidden behind the device.
+Speed is never asserted in tests; record the figures and the device in the docs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KEYS = {
+    "mmdet/mask_rcnn_r50_fpn_1x_coco": "mmdet_mask_rcnn_r50_fpn_1x_coco.tsv",
+    "mmdet/ms_rcnn_r50_caffe_fpn_1x_coco": "mmdet_ms_rcnn_r50_caffe_fpn_1x_coco.tsv",
+    "detectron2/mask_rcnn_R_50_FPN_3x": "detectron2_mask_rcnn_R_50_FPN_3x.tsv",
+}
+
+
+def seeded_variables(config, recipe: str, seed: int = 0):
+  """Converted seeded weights that give ~100 detections per image (see the module docstring)."""
+  from maskrcnn_jax.checkpoints import synthetic
+  from maskrcnn_jax.convert import convert_state_dict
+  keys = synthetic.read_key_tsv(ROOT / "tests/fixtures/checkpoint_keys" / KEYS[recipe])
+  names = {k[0]: k for k in keys}
+  scales, overrides = {}, {}
+  for name, shape, _ in keys:
+    leaf = name.rsplit(".", 1)[-1]
+    # The last norm of each residual branch: mmdet/tv 'bn3', detectron2 'conv3.norm'.
+    if leaf == "weight" and (name.endswith("bn3.weight") or name.endswith("conv3.norm.weight")):
+      overrides[name] = np.full(shape, 0.1, np.float32)
+    if leaf == "weight" and any(s in name for s in ("rpn_reg", "anchor_deltas", "fc_reg",
+                                                     "bbox_pred", "fc_cls", "cls_score")):
+      scales[name] = 1e-3
+  cls_bias = [n for n in names if n.endswith(("fc_cls.bias", "cls_score.bias"))]
+  for name in cls_bias:
+    b = np.zeros(names[name][1], np.float32)
+    b[:10] = 5.0  # bg_last layouts: the first ten foreground classes
+    overrides[name] = b
+  state = synthetic.seeded_state_dict(keys, seed=seed, scales=scales, overrides=overrides)
+  variables, _ = convert_state_dict(config, state, source=f"seeded:{seed}")
+  return variables
+
+
+def make_dataset(root: str, num_images: int, seed: int = 0):
+  """PNG photographs at 480x640 + a COCO json with 7 instances each; returns (json, image dir)."""
+  import cv2
+  import skimage.data
+  from maskrcnn_jax import config_lib
+  photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
+            skimage.data.rocket(), skimage.data.immunohistochemistry(), skimage.data.colorwheel()]
+  rng = np.random.default_rng(seed)
+  img_dir = os.path.join(root, "images")
+  os.makedirs(img_dir, exist_ok=True)
+  images, anns = [], []
+  for i in range(num_images):
+    rgb = photos[i % len(photos)][..., :3]
+    rgb = cv2.resize(np.ascontiguousarray(rgb), (640, 480), interpolation=cv2.INTER_LINEAR)
+    if (i // len(photos)) % 2:
+      rgb = rgb[:, ::-1]
+    name = f"{i:06d}.png"
+    cv2.imwrite(os.path.join(img_dir, name), np.ascontiguousarray(rgb[..., ::-1]))
+    images.append({"id": i + 1, "file_name": name, "height": 480, "width": 640})
+    for _ in range(7):
+      w, h = rng.uniform(20, 300), rng.uniform(20, 300)
+      x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
+      poly = [x, y, x + w, y, x + w, y + h, x, y + h]
+      anns.append({"id": len(anns) + 1, "image_id": i + 1,
+                   "category_id": int(rng.choice(config_lib.COCO_CATEGORY_IDS[:10])),
+                   "segmentation": [[float(v) for v in poly]], "area": float(w * h),
+                   "bbox": [float(x), float(y), float(w), float(h)], "iscrowd": 0})
+  cats = [{"id": c, "name": n} for c, n in zip(config_lib.COCO_CATEGORY_IDS,
+                                                config_lib.COCO_CLASS_NAMES)]
+  ann_file = os.path.join(root, "annotations.json")
+  with open(ann_file, "w") as f:
+    json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+  return ann_file, img_dir
+
+
+def device_only_seconds(config, variables, images, batch_size_per_device, repeats):
+  """Median seconds of the jitted sharded forward on one preloaded global batch."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from maskrcnn_jax.evaluation import evaluator, host
+  from maskrcnn_jax.modeling.mask_rcnn import ModelConfig
+  mesh = evaluator.make_mesh()
+  gb = batch_size_per_device * mesh.devices.size
+  plan = evaluator.plan_batches([evaluator.EvalImage(im.image_id, im.path, im.hw, im.padded_hw)
+                                 for im in images[:gb]], gb, int(config.data.size_divisibility))
+  batch = plan[0]
+  kwargs = host.preprocess_kwargs(config)
+  loaded = [host.load_image(im.path, kwargs, batch.padded_hw) if im is not None else
+            host.load_image(images[0].path, kwargs, batch.padded_hw) for im in batch.images]
+  data = NamedSharding(mesh, P("data"))
+  inputs = [jax.device_put(np.stack([np.asarray(x[k]) for x in loaded]).astype(
+      np.float32 if k in ("image", "scale_factor") else np.int32), data)
+            for k in ("image", "image_hw", "orig_hw", "scale_factor")]
+  forward = evaluator._sharded_forward(  # pylint: disable=protected-access
+      ModelConfig.from_config(config), None, mesh)
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  out = forward(variables, *inputs)
+  jax.block_until_ready(out)
+  valid = np.asarray(out["valid"]).sum(1)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(forward(variables, *inputs))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), gb, valid
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--recipe", default="mmdet/mask_rcnn_r50_fpn_1x_coco", choices=sorted(KEYS))
+  parser.add_argument("--num_images", type=int, default=4)
+  parser.add_argument("--batch_size_per_device", type=int, default=1)
+  parser.add_argument("--num_workers", type=int, default=2)
+  parser.add_argument("--num_loader_threads", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--json", default="", help="also write the figures here")
+  args = parser.parse_args()
+
+  import concurrent.futures
+  import multiprocessing
+  import jax
+  from maskrcnn_jax import config_lib
+  from maskrcnn_jax.evaluation import coco_eval, evaluator
+
+  config = config_lib.load_config_file(str(ROOT / "configs" / f"{args.recipe}.py"))
+  device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
+  print(f"device: {device}; jax {jax.__version__}; host cpus: {os.cpu_count()}", flush=True)
+  t0 = time.perf_counter()
+  variables = seeded_variables(config, args.recipe)
+  print(f"seeded + converted weights: {time.perf_counter() - t0:.1f} s", flush=True)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    ann_file, img_dir = make_dataset(tmp, args.num_images)
+    gt, images, table = evaluator.load_val_set(config, ann_file, img_dir)
+    quiet = lambda m: None  # noqa: E731
+    pool = None
+    if args.num_workers > 0:
+      pool = concurrent.futures.ProcessPoolExecutor(
+          args.num_workers, mp_context=multiprocessing.get_context("spawn"))
+    kw = dict(batch_size_per_device=args.batch_size_per_device, num_workers=args.num_workers,
+              num_loader_threads=args.num_loader_threads, executor=pool, log=quiet)
+    gb = args.batch_size_per_device * jax.device_count()
+
+    t0 = time.perf_counter()
+    evaluator.run_inference(config, variables, images[:gb], table, **kw)
+    t_compile = time.perf_counter() - t0
+    print(f"first batch (compile + warm-up of the pool): {t_compile:.1f} s", flush=True)
+
+    t_dev, gb, valid = device_only_seconds(config, variables, images, args.batch_size_per_device,
+                                           args.repeats)
+    num_batches = -(-len(images) // gb)
+    print(f"device only: {t_dev * 1e3:.1f} ms per batch of {gb} "
+          f"({gb / t_dev:.2f} img/s); detections per image {valid.tolist()}", flush=True)
+
+    t0 = time.perf_counter()
+    results, stats = evaluator.run_inference(config, variables, images, table, **kw)
+    t_inf = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = coco_eval.evaluate_results(gt, results, executor=pool if args.num_workers > 1
+                                         else None, log=quiet)
+    t_coco = time.perf_counter() - t0
+    if pool is not None:
+      pool.shutdown()
+
+  n = len(images)
+  total = t_inf + t_coco
+  device_total = t_dev * num_batches
+  figures = dict(
+      device=device, recipe=args.recipe, images=n, batch_size_per_device=args.batch_size_per_device,
+      num_workers=args.num_workers, detections=len(results), compile_s=t_compile,
+      device_only_s=device_total, inference_wall_s=t_inf, cocoeval_s=t_coco, total_s=total,
+      images_per_s=n / total, inference_images_per_s=n / t_inf,
+      device_only_images_per_s=n / device_total,
+      host_share=max(0.0, 1.0 - device_total / total),
+      load_cpu_s=stats.load_cpu, paste_encode_cpu_s=stats.paste_cpu,
+      wait_load_s=stats.wait_load, wait_device_s=stats.wait_device, wait_paste_s=stats.wait_paste,
+      bbox_AP=metrics["bbox"]["AP"], segm_AP=metrics["segm"]["AP"])
+  print(f"\n{n} images, {len(results)} detections ({len(results) / n:.0f} per image)")
+  print(f"whole evaluation: {total:.2f} s = {n / total:.2f} img/s "
+        f"(inference + paste + RLE {t_inf:.2f} s = {n / t_inf:.2f} img/s, COCOeval {t_coco:.2f} s)")
+  print(f"device only: {device_total:.2f} s ({n / device_total:.2f} img/s)")
+  print(f"host share of the wall clock: {figures['host_share'] * 100:.0f}%")
+  print(f"host CPU seconds per image: decode+preprocess {stats.load_cpu / n * 1e3:.0f} ms, "
+        f"paste+RLE {stats.paste_cpu / n * 1e3:.0f} ms (over {args.num_workers} workers), "
+        f"COCOeval {t_coco / n * 1e3:.0f} ms")
+  print(f"main thread blocked: on loading {stats.wait_load:.2f} s, on the device "
+        f"{stats.wait_device:.2f} s, on paste workers {stats.wait_paste:.2f} s")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
