@@ -135,3 +135,23 @@ def read_key_tsv(path) -> list:
         raise ValueError(f'{path}:{lineno}: bad shape {shape_text!r}')
       entries.append((name.strip(), shape, dtype.strip()))
   return entries
+
+
+def state_dict_from_fixture(fixture, keys) -> dict:
+  """Regenerates a calibrated state dict from a parity fixture (tests/fixtures/parity_*.npz).
+
+  The fixture stores the seed, one scale per scaled >=2-D tensor (`scale_names`, `scale_values`)
+  and every 1-D tensor verbatim (`w/<name>`); the >=2-D tensors are regenerated here exactly as
+  scripts/make_parity_fixtures.py generated them for the reference framework.
+
+  Args:
+    fixture: a mapping such as np.load(path).
+    keys: the model's (name, shape, dtype) key list.
+  Returns:
+    dict name -> float32 np.ndarray in `keys` order.
+  """
+  scales = {str(n): float(v) for n, v in zip(fixture['scale_names'], fixture['scale_values'])}
+  overrides = {name: np.asarray(fixture['w/' + name]) for name, shape, _ in keys
+               if len(shape) == 1}
+  state = seeded_state_dict(keys, int(fixture['seed']), scales=scales, overrides=overrides)
+  return {k: np.asarray(v, np.float32) for k, v in state.items()}
