@@ -20,6 +20,7 @@ from maskrcnn_jax.modeling import heads, rpn as rpn_lib
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.resnet import ResNet
 from maskrcnn_jax.ops import anchors as anchors_lib, poolers, postprocess
+from maskrcnn_jax.ops import targets as targets_lib
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 
@@ -68,6 +69,8 @@ class ModelConfig:
     for key, value in config.model.items():
       if key in ("pixel_mean", "pixel_std", "to_rgb", "input_scale"):
         continue  # host-side preprocessing
+      if key == "dtype":
+        continue  # compute dtype: the trainer casts the image (training/train_state.py)
       if key not in fields:
         raise ValueError(f"unknown config key model.{key}; valid keys: {sorted(fields)}")
       values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
@@ -106,6 +109,49 @@ def image_anchors(cfg: ModelConfig, padded_hw: tuple[int, int]) -> list[np.ndarr
       padded_hw=padded_hw, feature_sizes=feature_sizes, sizes=cfg.anchor_sizes,
       aspect_ratios=cfg.anchor_ratios, strides=cfg.anchor_strides,
       round_to_int=cfg.conv.anchor_round, dynamic_stride=cfg.conv.anchor_dynamic_stride)
+
+
+# ---- training helpers (used by MaskRCNN.losses) ----
+
+# parity_spec 4.1: RPN 256 anchors per image, half positive; R-CNN 512 RoIs per image, 25 %.
+RPN_BATCH_PER_IMAGE, RPN_POSITIVE_FRACTION = 256, 0.5
+ROI_BATCH_PER_IMAGE, ROI_POSITIVE_FRACTION = 512, 0.25
+
+
+def train_class_index(cfg: ModelConfig, labels: jax.Array,
+                      category_ids: Optional[Tuple[int, ...]] = None) -> jax.Array:
+  """Contiguous dataset labels (0..K-1, as in the batch) -> the model's class index.
+
+  bg_last layouts (mmdet v2, detectron2): the label itself (background = num_classes).
+  bg_first (torchvision, background = 0): `category_ids[label]` when a table is given (COCO with
+  the 91-way torchvision head: the 80 COCO category ids, `config_lib.COCO_CATEGORY_IDS`, so the
+  class index is the category id as torchvision trains it), else label + 1 (a custom dataset with
+  num_classes = K). The same index selects the regression slot and the mask channel.
+  """
+  labels = jnp.asarray(labels, jnp.int32)
+  if cfg.conv.class_layout == "bg_last":
+    return labels
+  if category_ids is not None:
+    return jnp.asarray(np.asarray(category_ids, np.int32))[labels]
+  return labels + 1
+
+
+def background_class(cfg: ModelConfig) -> int:
+  """The classifier's background index: num_classes (bg_last) or 0 (bg_first)."""
+  return cfg.num_classes if cfg.conv.class_layout == "bg_last" else 0
+
+
+def mask_canvas_hw(cfg: ModelConfig, image_hw: jax.Array) -> jax.Array:
+  """[N, 2] size of the bitmap each reference RoIAligns for mask targets.
+
+  mmdet v2 pads the gt masks with the image (`Pad(size_divisor=32)` pads `mask_fields`), so its
+  clip bound (`mask_target_single`) is the 32-padded size; detectron2 and torchvision keep the
+  masks at the resized image size.
+  """
+  image_hw = jnp.asarray(image_hw, jnp.int32)
+  if cfg.conv.name == "mmdet":
+    return (image_hw + 31) // 32 * 32
+  return image_hw
 
 
 class MaskRCNN(nn.Module):
@@ -227,3 +273,111 @@ class MaskRCNN(nn.Module):
     if cfg.mask_scoring:
       out["mask_scores"] = jnp.where(dets["valid"], mask_iou * dets["scores"], 0.0)
     return out
+
+  # ---- training ----
+
+  def losses(self, batch: Dict[str, jax.Array], rng: jax.Array, *,
+             category_ids: Optional[Tuple[int, ...]] = None,
+             rpn_batch_per_image: int = RPN_BATCH_PER_IMAGE,
+             roi_batch_per_image: int = ROI_BATCH_PER_IMAGE,
+             ) -> tuple[jax.Array, Dict[str, jax.Array]]:
+    """Train-mode forward: targets, sampling and the convention's losses (parity_spec 4).
+
+    Build the module with `train=True` for trainable norms ('bn' updates batch statistics: call
+    `model.apply(variables, batch, rng, method=MaskRCNN.losses, mutable=['batch_stats'])`);
+    'frozen_bn' / 'gn' need no mutable collection.
+
+    Args:
+      batch: dict of fixed-shape arrays (B images, M = max instances, S = crop size):
+        image [B, H, W, 3] float32 normalized + zero padded; image_hw [B, 2] int32 resized
+        unpadded size; gt_boxes [B, M, 4] float32 xyxy resized pixels; gt_labels [B, M] int32
+        contiguous 0..K-1 (mapped with `train_class_index`); gt_valid [B, M] bool; gt_crowd
+        [B, M] bool (optional; crowd GTs are left out, as all three references do);
+        gt_masks [B, M, S, S] uint8 in {0, 1}, each instance's mask cropped to its gt box.
+      rng: PRNG key for the RPN and R-CNN samplers.
+      category_ids: bg_first layouts only: the label -> class index table (see
+        `train_class_index`); static.
+      rpn_batch_per_image, roi_batch_per_image: sampler sizes (static; the references' 256 and
+        512 by default; the positive fractions stay 0.5 and 0.25).
+
+    Returns:
+      (total, terms): total float32 scalar = the sum of the terms whose key starts with "loss_"
+      (loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask, and loss_mask_iou for Mask
+      Scoring R-CNN); terms also holds statistics without gradient: num_pos_anchors,
+      num_fg_rois (means per image), cls_accuracy, fg_cls_accuracy.
+    """
+    from maskrcnn_jax.training import losses as losses_lib  # training imports modeling
+
+    cfg, conv = self.cfg, self.cfg.conv
+    images = batch["image"]
+    n, hp, wp = images.shape[:3]
+    image_hw = jnp.asarray(batch["image_hw"], jnp.int32)
+    gt_boxes = jnp.asarray(batch["gt_boxes"], jnp.float32)
+    gt_valid = targets_lib.usable_gt(gt_boxes, batch["gt_valid"], batch.get("gt_crowd"))
+    gt_classes = train_class_index(cfg, batch["gt_labels"], category_ids)
+    rng_rpn, rng_roi = jax.random.split(rng)
+
+    feats = self.features(images)
+    logits, deltas = self.rpn_outputs(feats)
+    anchors = image_anchors(cfg, (hp, wp))
+
+    # RPN.
+    all_anchors = jnp.asarray(np.concatenate(anchors, axis=0))
+    rpn_t = jax.vmap(
+        lambda g, v, r: targets_lib.rpn_targets(
+            all_anchors, g, v, r, convention=conv, num_samples=rpn_batch_per_image,
+            positive_fraction=RPN_POSITIVE_FRACTION))(
+                gt_boxes, gt_valid, jax.random.split(rng_rpn, n))
+    terms = losses_lib.rpn_losses(
+        jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), rpn_t["pos"],
+        rpn_t["neg"], rpn_t["box_targets"], convention=conv,
+        num_samples_per_image=rpn_batch_per_image)
+
+    # Proposals (no gradient) and R-CNN sampling.
+    fn = lambda lg, dl, hw: rpn_lib.train_proposals(
+        lg, dl, anchors, hw, convention=conv, pre_nms_topk=cfg.rpn_pre_nms_topk_train,
+        post_nms_topk=cfg.rpn_post_nms_topk_train, nms_thresh=cfg.rpn_nms_thresh,
+        coordinate_trick=cfg.coordinate_trick)
+    props, _, props_valid = jax.vmap(fn)(logits, deltas, image_hw)
+    roi_t = jax.vmap(
+        lambda p, pv, g, c, v, r: targets_lib.roi_targets(
+            p, pv, g, c, v, r, convention=conv, bbox_reg_weights=tuple(cfg.bbox_reg_weights),
+            background_class=background_class(cfg), num_samples=roi_batch_per_image,
+            positive_fraction=ROI_POSITIVE_FRACTION))(
+                props, props_valid, gt_boxes, gt_classes, gt_valid,
+                jax.random.split(rng_roi, n))
+    roi_t = jax.lax.stop_gradient(roi_t)
+    cls_logits, box_deltas = self.box_branch(feats, roi_t["rois"], roi_t["valid"])
+    terms.update(losses_lib.rcnn_losses(
+        cls_logits, box_deltas, roi_t["classes"], roi_t["valid"], roi_t["pos"],
+        roi_t["box_targets"], roi_t["classes"], convention=conv))
+
+    # Masks on the positive rows (the first int(512 * 0.25) rows hold every positive).
+    p = int(roi_batch_per_image * ROI_POSITIVE_FRACTION)
+    m_rois, m_pos = roi_t["rois"][:, :p], roi_t["pos"][:, :p]
+    m_gt = roi_t["matched_gt"][:, :p]
+    m_channel = jnp.where(m_pos, roi_t["classes"][:, :p], 0)
+    mask_logits, mask_iou = self.mask_branch(feats, m_rois, m_channel, m_pos)
+    m_gt_boxes = jnp.take_along_axis(gt_boxes, m_gt[..., None], axis=1)
+    crops = jax.vmap(lambda c, i: c[i])(jnp.asarray(batch["gt_masks"]), m_gt)
+    canvas = mask_canvas_hw(cfg, image_hw)
+    settings = targets_lib.mask_target_settings(conv)
+    m_targets = jax.vmap(lambda r, g, c, hw: targets_lib.mask_targets(
+        r, g, c, hw, max_grid=cfg.roi_align_max_grid, **settings))(
+            m_rois, m_gt_boxes, crops, canvas)
+    terms["loss_mask"] = losses_lib.mask_loss(mask_logits, m_targets, m_pos)
+    if cfg.mask_scoring:
+      frac = jax.vmap(targets_lib.mask_area_fraction)(m_rois, m_gt_boxes, crops, canvas)
+      iou_t = targets_lib.maskiou_targets(jax.lax.stop_gradient(mask_logits), m_targets, frac)
+      terms["loss_mask_iou"] = losses_lib.maskiou_loss(mask_iou, iou_t, m_pos)
+
+    total = sum(v for k, v in terms.items() if k.startswith("loss_"))
+    # Statistics (d2 logs fast_rcnn/cls_accuracy and fg_cls_accuracy).
+    pred = jnp.argmax(jax.lax.stop_gradient(cls_logits), axis=-1)
+    correct = (pred == roi_t["classes"]).astype(jnp.float32)
+    valid_f, pos_f = roi_t["valid"].astype(jnp.float32), roi_t["pos"].astype(jnp.float32)
+    terms["num_pos_anchors"] = jnp.sum(rpn_t["pos"]) / n
+    terms["num_fg_rois"] = jnp.sum(pos_f) / n
+    terms["cls_accuracy"] = jnp.sum(correct * valid_f) / jnp.maximum(jnp.sum(valid_f), 1.0)
+    terms["fg_cls_accuracy"] = jnp.sum(correct * pos_f) / jnp.maximum(jnp.sum(pos_f), 1.0)
+    return total, terms

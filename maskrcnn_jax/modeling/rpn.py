@@ -75,3 +75,32 @@ def select_proposals(
       coordinate_trick=coordinate_trick)
   proposals = jnp.where(keep_valid[:, None], boxes[keep], 0.0)
   return proposals, jnp.where(keep_valid, score[keep], -jnp.inf), keep_valid
+
+
+def train_proposals(
+    logits: Sequence[jax.Array],
+    deltas: Sequence[jax.Array],
+    anchors: Sequence[np.ndarray],
+    image_hw: jax.Array,
+    *,
+    convention: conventions_lib.Convention,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_thresh: float,
+    coordinate_trick: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-time proposals of one image: `select_proposals` on stop-gradient'ed RPN outputs.
+
+  The references select training proposals with the test-time procedure and only other sizes
+  (parity_spec 4.1: pre 2000 per level; post 1000 per image for mmdet / d2, 2000 for
+  torchvision; NMS 0.7), and no gradient flows through the proposal boxes into the RPN (d2
+  `find_top_rpn_proposals` runs under no_grad, mmdet detaches the proposal list, torchvision
+  `proposals.detach()`). Arguments and returns as `select_proposals`.
+  """
+  # float32 decoding and ranking also when the heads run in bfloat16 (mixed precision).
+  logits = [jax.lax.stop_gradient(x).astype(jnp.float32) for x in logits]
+  deltas = [jax.lax.stop_gradient(x).astype(jnp.float32) for x in deltas]
+  boxes, scores, valid = select_proposals(
+      logits, deltas, anchors, image_hw, convention=convention, pre_nms_topk=pre_nms_topk,
+      post_nms_topk=post_nms_topk, nms_thresh=nms_thresh, coordinate_trick=coordinate_trick)
+  return jax.lax.stop_gradient(boxes), jax.lax.stop_gradient(scores), valid
