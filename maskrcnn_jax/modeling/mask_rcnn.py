@@ -60,6 +60,8 @@ class ModelConfig:
   mask_scoring: bool = False
   roi_align_max_grid: int = 8
   nms_coordinate_trick: Optional[bool] = None
+  # config.kernels.roi_align: 'auto' | 'reference' | 'pallas' | 'interpret' (pallas_kernels/README.md).
+  roi_align_impl: str = "auto"
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
@@ -75,6 +77,9 @@ class ModelConfig:
         raise ValueError(f"unknown config key model.{key}; valid keys: {sorted(fields)}")
       values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
     conventions_lib.get(values["convention"])  # validates the name
+    kernels = config.get("kernels", None)
+    if kernels is not None and kernels.get("roi_align", None):
+      values["roi_align_impl"] = str(kernels.roi_align)
     return cls(**values)
 
   @property
@@ -218,7 +223,7 @@ class MaskRCNN(nn.Module):
         level_rule=conv.level_map, output_size=output_size,
         sampling_ratio=conv.roi_align_sampling_ratio, aligned=conv.roi_align_aligned,
         strides=tuple(cfg.anchor_strides[:4]), max_grid=cfg.roi_align_max_grid,
-        valid=valid.reshape(-1))
+        valid=valid.reshape(-1), impl=cfg.roi_align_impl)
 
   def box_branch(self, feats, boxes: jax.Array, valid: jax.Array):
     """Class logits [N, R, K_cls] and deltas [N, R, K_reg, 4] for [N, R, 4] boxes."""

@@ -103,7 +103,7 @@ def assign_levels(boxes, *, rule: str, min_level: int = 2, max_level: int = 5,
 def multilevel_roi_align(features: Sequence, boxes, batch_idx, *, level_rule: str, output_size,
                          sampling_ratio: int, aligned: bool, strides=(4, 8, 16, 32),
                          max_grid: int | None = None, valid=None, roi_chunk: int | None = None,
-                         impl: str = "reference"):
+                         impl: str = "auto", deterministic: bool = False):
   """Multi-level RoIAlign: mmdet SingleRoIExtractor / detectron2 ROIPooler / tv MultiScaleRoIAlign.
 
   Args:
@@ -121,7 +121,10 @@ def multilevel_roi_align(features: Sequence, boxes, batch_idx, *, level_rule: st
     max_grid: static bound of the adaptive grid (required for sampling_ratio 0; see
       `pallas_kernels.roi_align.reference`).
     valid: optional [K] bool; invalid RoIs give zeros (and no gradient).
-    roi_chunk, impl: passed to `pallas_kernels.roi_align.roi_align_pyramid`.
+    roi_chunk, impl, deterministic: passed to `pallas_kernels.roi_align.roi_align_pyramid`
+      (impl 'auto': the reference unless the Pallas kernels measured faster on this GPU, see
+      `pallas_kernels.roi_align.AUTO_PALLAS_DEVICE_KINDS`; 'reference' | 'pallas' | 'interpret';
+      deterministic: the kernels' bitwise reproducible backward).
 
   Returns:
     [K, oh, ow, C] in the features' dtype, NHWC per RoI.
@@ -145,7 +148,7 @@ def multilevel_roi_align(features: Sequence, boxes, batch_idx, *, level_rule: st
   out = roi_align_lib.roi_align_pyramid(
       features, boxes, batch_idx, levels, spatial_scales=[1.0 / s for s in strides],
       output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned,
-      max_grid=max_grid, roi_chunk=roi_chunk, impl=impl)
+      max_grid=max_grid, roi_chunk=roi_chunk, impl=impl, deterministic=deterministic)
   if valid is not None:
     out = jnp.where(valid[:, None, None, None], out, jnp.zeros((), out.dtype))
   return out

@@ -1,53 +1,139 @@
-"""RoIAlign for maskrcnn_jax: a pure-JAX reference (this package imports only JAX).
+"""RoIAlign for maskrcnn_jax: a pure-JAX reference and Pallas kernels behind one entry point.
 
-`roi_align(..., impl='reference')` dispatches to an implementation; only 'reference' exists so far
-(`reference.py`). A Pallas kernel will register here under another name and must pass the same
-tests (`test_roi_align.py`).
+`roi_align(..., impl=...)` and `roi_align_pyramid(..., impl=...)` dispatch to an implementation:
+
+* 'reference': pure JAX (`reference.py`), any backend; the CPU default.
+* 'pallas': the Pallas kernels (`kernel.py`, Triton lowering), natively on a GPU.
+* 'interpret': the same kernels run by the Pallas interpreter on any backend (tests on CPU).
+* 'auto' (default): 'pallas' on a GPU whose `device_kind` is in `AUTO_PALLAS_DEVICE_KINDS` (where
+  scripts/benchmark_roi_align.py measured the kernels faster than the reference), else 'reference'.
+  The table is empty until a GPU benchmark fills it, so 'auto' is 'reference' everywhere today.
+  `auto_impl(impl)` overrides what 'auto' means inside a `with` block (benchmarks, experiments).
+
+All implementations follow the same semantics (`reference.py`, parity_spec 3.11) and pass the same
+tests (`test_roi_align.py`). Differences: the kernels return no gradient w.r.t. the boxes (as
+torchvision / mmcv; the reference differentiates through the sampling weights), accumulate the
+bfloat16 gradient in float32, ignore `roi_chunk`, and take `deterministic` (see `roi_align`).
+See pallas_kernels/README.md for what runs where.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
+import jax
+
 from pallas_kernels.roi_align import reference
 
-IMPLS = ("reference",)
+IMPLS = ("reference", "pallas", "interpret")
+
+# GPUs (jax.devices()[0].device_kind) on which impl='auto' picks the Pallas kernels, each with the
+# measurement that justified it (scripts/benchmark_roi_align.py: forward+backward at the training
+# shapes, kernels vs reference, on that device and JAX version). Empty: no GPU benchmark has been
+# run yet, so 'auto' = 'reference' everywhere. Example entry once measured:
+#   "NVIDIA H100 80GB HBM3": "jax 0.11.2: fwd+bwd 512x16 RoIs 7x7 3.4x faster (README table)",
+AUTO_PALLAS_DEVICE_KINDS: dict[str, str] = {}
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def auto_impl(impl: str | None):
+  """Within the block, impl='auto' resolves to `impl` (None: the default rule). Trace-time only:
+  functions jitted inside the block keep the choice made when they were traced."""
+  if impl is not None and impl not in IMPLS:
+    raise ValueError(f"unknown roi_align impl {impl!r}; available: {IMPLS}")
+  old = getattr(_local, "auto", None)
+  _local.auto = impl
+  try:
+    yield
+  finally:
+    _local.auto = old
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def available_impls() -> tuple[str, ...]:
+  """The implementations that run on this process's default backend."""
+  return ("reference", "interpret") + (("pallas",) if _on_gpu() else ())
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> a concrete implementation (see the module docstring); checks the others."""
+  if impl == "auto":
+    override = getattr(_local, "auto", None)
+    if override is not None:
+      return override
+    if _on_gpu() and jax.devices()[0].device_kind in AUTO_PALLAS_DEVICE_KINDS:
+      return "pallas"
+    return "reference"
+  if impl not in IMPLS:
+    raise ValueError(f"unknown roi_align impl {impl!r}; available: {IMPLS} or 'auto'")
+  if impl == "pallas" and not _on_gpu():
+    raise ValueError(f"impl='pallas' runs natively on a GPU only (default backend here: "
+                     f"{jax.default_backend()!r}); impl='interpret' runs the same kernels here")
+  return impl
 
 
 def roi_align(features, boxes, batch_idx, *, output_size, spatial_scale, sampling_ratio, aligned,
-              max_grid=None, roi_chunk=None, impl="reference"):
+              max_grid=None, roi_chunk=None, impl="auto", deterministic=False):
   """RoIAlign, NHWC; see `reference.roi_align` for the arguments, shapes and semantics.
 
   Args:
     features: [N, H, W, C] float32 / bfloat16. boxes: [K, 4] float32 (x1, y1, x2, y2) image
       pixels. batch_idx: [K] int32.
-    impl: 'reference' (pure JAX).
+    output_size: int or (oh, ow). spatial_scale: float (may be traced). sampling_ratio: int, 0 =
+      adaptive (needs max_grid). aligned: bool.
+    max_grid: static bound of the adaptive grid (required for sampling_ratio 0).
+    roi_chunk: RoIs per step of the reference ('reference' only).
+    impl: 'auto' | 'reference' | 'pallas' | 'interpret' (module docstring).
+    deterministic: kernels only: a bitwise reproducible backward (band-owner kernel, no atomics)
+      instead of the atomic one. The reference's backward is XLA's scatter-add (deterministic on
+      CPU; on GPU as XLA's flags make it).
 
   Returns:
     [K, oh, ow, C] in features.dtype.
   """
-  if impl != "reference":
-    raise ValueError(f"unknown roi_align impl {impl!r}; available: {IMPLS}")
-  return reference.roi_align(features, boxes, batch_idx, output_size=output_size,
-                             spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-                             aligned=aligned, max_grid=max_grid, roi_chunk=roi_chunk)
+  impl = resolve_impl(impl)
+  if impl == "reference":
+    return reference.roi_align(features, boxes, batch_idx, output_size=output_size,
+                               spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                               aligned=aligned, max_grid=max_grid, roi_chunk=roi_chunk)
+  from pallas_kernels.roi_align import kernel
+  return kernel.pool_levels([features], boxes, batch_idx, None, spatial_scales=[spatial_scale],
+                            output_size=output_size, sampling_ratio=sampling_ratio,
+                            aligned=aligned, max_grid=max_grid, interpret=impl == "interpret",
+                            deterministic=deterministic)
 
 
 def roi_align_pyramid(features, boxes, batch_idx, levels, *, spatial_scales, output_size,
-                      sampling_ratio, aligned, max_grid=None, roi_chunk=None, impl="reference"):
+                      sampling_ratio, aligned, max_grid=None, roi_chunk=None, impl="auto",
+                      deterministic=False):
   """Each RoI pooled once from its own level; see `reference.roi_align_pyramid`.
 
   Args:
     features: L arrays [N, H_l, W_l, C]. boxes: [K, 4] float32 (x1, y1, x2, y2) image pixels.
     batch_idx: [K] int32. levels: [K] int32 in [0, L).
-    impl: 'reference' (pure JAX).
+    impl, deterministic: as in `roi_align`. The kernels read every level in place (no
+      concatenated copy of the pyramid) and return the gradient per level.
 
   Returns:
     [K, oh, ow, C] in the features' dtype.
   """
-  if impl != "reference":
-    raise ValueError(f"unknown roi_align impl {impl!r}; available: {IMPLS}")
-  return reference.roi_align_pyramid(features, boxes, batch_idx, levels,
-                                     spatial_scales=spatial_scales, output_size=output_size,
-                                     sampling_ratio=sampling_ratio, aligned=aligned,
-                                     max_grid=max_grid, roi_chunk=roi_chunk)
+  impl = resolve_impl(impl)
+  if impl == "reference":
+    return reference.roi_align_pyramid(features, boxes, batch_idx, levels,
+                                       spatial_scales=spatial_scales, output_size=output_size,
+                                       sampling_ratio=sampling_ratio, aligned=aligned,
+                                       max_grid=max_grid, roi_chunk=roi_chunk)
+  from pallas_kernels.roi_align import kernel
+  return kernel.pool_levels(list(features), boxes, batch_idx, levels,
+                            spatial_scales=spatial_scales, output_size=output_size,
+                            sampling_ratio=sampling_ratio, aligned=aligned, max_grid=max_grid,
+                            interpret=impl == "interpret", deterministic=deterministic)
 
 
-__all__ = ["IMPLS", "reference", "roi_align", "roi_align_pyramid"]
+__all__ = ["AUTO_PALLAS_DEVICE_KINDS", "IMPLS", "auto_impl", "available_impls", "reference",
+           "resolve_impl", "roi_align", "roi_align_pyramid"]

@@ -1,7 +1,12 @@
 """RoIAlign against the torchvision / mmcv / detectron2 golden vectors (golden README section 1).
 
-Every test runs once per implementation in `IMPLS` (today only the pure-JAX reference); a Pallas
-kernel added to `pallas_kernels.roi_align.IMPLS` is then held to the same checks.
+Every test of `TestRoIAlign` runs once per implementation that runs here
+(`pallas_kernels.roi_align.available_impls()`): 'reference' (pure JAX) and 'interpret' (the Pallas
+kernels in the Pallas interpreter) everywhere, plus 'pallas' (the kernels natively) on a GPU.
+The interpreter is slow, so 'interpret' checks a subset where a test loops over many
+configurations (`_subset`); every kind of box and configuration is still covered: aligned 0 / 1,
+sampling_ratio 0 / 2, output 7 / 14, both goldens cases (every box kind), both scales, bfloat16,
+the capped grid, several levels, both backwards.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import pytest
 from pallas_kernels import roi_align as roi_align_lib
 
 GOLDEN_DIR = Path(__file__).resolve().parents[2].parent / "shared/reference/golden"
-IMPLS = roi_align_lib.IMPLS
+IMPLS = roi_align_lib.available_impls()
+KERNEL_IMPLS = ("pallas", "interpret")
 CASES = ("A", "B")
 # (rois key, spatial_scale): the same expected arrays hold for both (power-of-two scaling is exact).
 SCALES = (("rois_s4", 0.25), ("rois_s16", 0.0625))
@@ -52,8 +58,15 @@ def _nhwc(a):
   return np.asarray(a).transpose(0, 2, 3, 1)
 
 
+def _subset(impl, items, every=2):
+  """All items for the reference and native kernels; every `every`-th (from the first) in the
+  interpreter, which is slow on CPU (the callers pick orders that keep every case kind)."""
+  items = list(items)
+  return items[::every] if impl == "interpret" else items
+
+
 @functools.lru_cache(maxsize=None)
-def _fn(impl, output_size, sampling_ratio, aligned, max_grid, roi_chunk=None):
+def _fn(impl, output_size, sampling_ratio, aligned, max_grid, roi_chunk=None, deterministic=False):
   """Jitted roi_align(features, boxes, batch_idx, spatial_scale) for one static configuration.
 
   The spatial scale is a traced argument so that both scales of a case share one compilation.
@@ -62,14 +75,14 @@ def _fn(impl, output_size, sampling_ratio, aligned, max_grid, roi_chunk=None):
     return roi_align_lib.roi_align(
         features, boxes, batch_idx, output_size=output_size, spatial_scale=spatial_scale,
         sampling_ratio=sampling_ratio, aligned=aligned, max_grid=max_grid, roi_chunk=roi_chunk,
-        impl=impl)
+        impl=impl, deterministic=deterministic)
   return jax.jit(f)
 
 
 @functools.lru_cache(maxsize=None)
-def _grad_fn(impl, output_size, sampling_ratio, aligned, max_grid):
+def _grad_fn(impl, output_size, sampling_ratio, aligned, max_grid, deterministic=False):
   """Jitted d/dfeatures of sum(roi_align(...) * cotangent), via jax.vjp."""
-  fwd = _fn(impl, output_size, sampling_ratio, aligned, max_grid)
+  fwd = _fn(impl, output_size, sampling_ratio, aligned, max_grid, deterministic=deterministic)
 
   def g(features, boxes, batch_idx, spatial_scale, cotangent):
     _, vjp = jax.vjp(lambda f: fwd(f, boxes, batch_idx, spatial_scale), features)
@@ -144,6 +157,22 @@ def numpy_roi_align(feats, boxes, bidx, *, output_size, spatial_scale, sampling_
   return out
 
 
+# The interpreter's split of CONFIGS between the two golden cases: each half holds both output
+# sizes, both `aligned` and both sampling ratios (indices 0, 3, 4, 7 for A; 1, 2, 5, 6 for B).
+_INTERPRET_CONFIGS = {"A": [CONFIGS[i] for i in (0, 3, 4, 7)],
+                      "B": [CONFIGS[i] for i in (1, 2, 5, 6)]}
+
+
+def _configs(impl, case):
+  return _INTERPRET_CONFIGS[case] if impl == "interpret" else CONFIGS
+
+
+def _backwards(impl):
+  """Backward variants to check: the reference has one; the kernels an atomic and a
+  deterministic one."""
+  return (False, True) if impl in KERNEL_IMPLS else (False,)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 class TestRoIAlign:
 
@@ -151,7 +180,7 @@ class TestRoIAlign:
   @pytest.mark.parametrize("rois_key,scale", SCALES)
   def test_torchvision_forward(self, impl, golden, case, rois_key, scale):
     feats, boxes, bidx = _inputs(golden, case, rois_key)
-    for o, a, s in CONFIGS:
+    for o, a, s in _configs(impl, case):
       out = _fn(impl, o, s, bool(a), _max_grid(o))(feats, boxes, bidx, scale)
       assert out.shape == (40, o, o, feats.shape[-1]) and out.dtype == jnp.float32
       np.testing.assert_allclose(out, _nhwc(golden[f"{case}_tv_out{o}_aligned{a}_sr{s}"]),
@@ -159,6 +188,8 @@ class TestRoIAlign:
 
   @pytest.mark.parametrize("case", CASES)
   def test_mmcv_and_detectron2_forward(self, impl, golden, case):
+    if impl == "interpret" and case == "A":
+      pytest.skip("interpreter subset: case B holds the same box kinds (and two images)")
     for rois_key, scale in SCALES:
       feats, boxes, bidx = _inputs(golden, case, rois_key)
       for o in (7, 14):
@@ -172,23 +203,34 @@ class TestRoIAlign:
 
   @pytest.mark.parametrize("case", CASES)
   def test_gradients(self, impl, golden, case):
+    """d/dfeatures against torch autograd, with every backward of the implementation (the
+    interpreter: output 7 on case A, 14 on B, the two backwards alternating)."""
     kinds = golden[f"{case}_box_kind"]
-    for o in (7, 14):
+    sizes = ((7,) if case == "A" else (14,)) if impl == "interpret" else (7, 14)
+    for o in sizes:
       cot_all = _nhwc(golden[f"{case}_cotangent_out{o}"]).astype(np.float32)
-      for name, aligned, sr, keep in (
-          (f"{case}_tv_grad_out{o}_aligned1_sr0", True, 0, None),
-          (f"{case}_tv_grad_out{o}_aligned0_sr2", False, 2, None),
-          (f"{case}_mm_grad_out{o}", True, 0, kinds != INVERTED)):
+      variants = [(f"{case}_tv_grad_out{o}_aligned1_sr0", True, 0, None),
+                  (f"{case}_tv_grad_out{o}_aligned0_sr2", False, 2, None),
+                  (f"{case}_mm_grad_out{o}", True, 0, kinds != INVERTED)]
+      for v, (name, aligned, sr, keep) in enumerate(variants):
+        if impl == "interpret":
+          if keep is not None and case == "A":
+            continue  # the mmcv gradient equals torchvision's without the inverted box
+          backwards = ((v + (case == "B")) % 2 == 1,)
+        else:
+          backwards = _backwards(impl)
         feats, boxes, bidx = _inputs(golden, case, "rois_s4", keep)
         cot = cot_all if keep is None else cot_all[keep]
-        grad = _grad_fn(impl, o, sr, aligned, _max_grid(o))(feats, boxes, bidx, 0.25,
-                                                            jnp.asarray(cot))
-        np.testing.assert_allclose(grad, _nhwc(golden[name]), rtol=GRAD_RTOL, atol=GRAD_ATOL,
-                                   err_msg=name)
+        for det in backwards:
+          grad = _grad_fn(impl, o, sr, aligned, _max_grid(o), det)(feats, boxes, bidx, 0.25,
+                                                                   jnp.asarray(cot))
+          np.testing.assert_allclose(grad, _nhwc(golden[name]), rtol=GRAD_RTOL, atol=GRAD_ATOL,
+                                     err_msg=f"{name} deterministic={det}")
 
   def test_inverted_box_adaptive_is_zero(self, impl, golden):
-    feats, boxes, bidx = _inputs(golden, "A", "rois_s4")
-    row = golden["A_box_kind"].tolist().index(INVERTED)
+    case = "B" if impl == "interpret" else "A"  # B's configuration is compiled already
+    feats, boxes, bidx = _inputs(golden, case, "rois_s4")
+    row = golden[f"{case}_box_kind"].tolist().index(INVERTED)
     out = _fn(impl, 7, 0, True, _max_grid(7))(feats, boxes, bidx, 0.25)
     assert np.all(np.asarray(out[row]) == 0)
 
@@ -218,29 +260,37 @@ class TestRoIAlign:
     np.testing.assert_allclose(capped[3], exact[3], rtol=0, atol=1e-6)
     err = np.abs(np.asarray(capped) - np.asarray(exact)).max(axis=(1, 2, 3))
     assert np.all(err[[0, 2]] > 0) and np.all(err[[0, 2]] < 0.01), err
+    if impl in KERNEL_IMPLS:
+      return  # the kernels have no chunks (each RoI picks its own path)
     # Same with one RoI per chunk (capped and uncapped chunks take different paths).
     one = _fn(impl, 7, 0, True, 4, 1)(f, b, i, 0.25)
     np.testing.assert_allclose(one, capped, rtol=0, atol=1e-6)
 
   def test_numpy_cross_check_random(self, impl):
-    """Random boxes, several chunk sizes, against the direct per-sample numpy algorithm."""
+    """Random boxes, several chunk sizes, against the direct per-sample numpy algorithm; plus a
+    NaN box (zeros) and an all-zero (padding) box."""
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((2, 21, 30, 5)).astype(np.float32)
     k = 23
     xy = rng.uniform(-20, 130, (k, 2))
     wh = rng.uniform(-5, 60, (k, 2))
     boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
-    bidx = rng.integers(0, 2, k).astype(np.int32)
-    for sr, aligned, chunk in ((0, True, None), (0, False, 5), (2, False, 7), (3, True, 1)):
-      out = _fn(impl, 7, sr, aligned, 8, chunk)(feats, boxes, bidx, 0.25)
-      exp = numpy_roi_align(feats, boxes, bidx, output_size=7, spatial_scale=0.25,
+    boxes = np.concatenate([boxes, [[np.nan, 3, 40, 50], [0, 0, 0, 0]]]).astype(np.float32)
+    bidx = np.concatenate([rng.integers(0, 2, k), [1, 0]]).astype(np.int32)
+    for sr, aligned, chunk in _subset(impl, ((0, True, None), (0, False, 5), (2, False, 7),
+                                             (3, True, 1)), every=3):
+      out = np.asarray(_fn(impl, 7, sr, aligned, 8, chunk)(feats, boxes, bidx, 0.25))
+      exp = numpy_roi_align(feats, boxes[:k], bidx[:k], output_size=7, spatial_scale=0.25,
                             sampling_ratio=sr, aligned=aligned, max_grid=8)
-      np.testing.assert_allclose(out, exp, rtol=0, atol=2e-5, err_msg=f"sr{sr} a{aligned}")
+      np.testing.assert_allclose(out[:k], exp, rtol=0, atol=2e-5, err_msg=f"sr{sr} a{aligned}")
+      assert np.all(out[k] == 0), f"NaN box, sr{sr} a{aligned}"
+      if aligned and sr == 0:  # adaptive grid ceil(0 / 7) = 0: no samples (aligned=False widens
+        assert np.all(out[k + 1] == 0)  # the box to 1x1; a fixed grid samples pixel (0, 0))
 
   def test_bfloat16(self, impl, golden):
     feats, boxes, bidx = _inputs(golden, "B", "rois_s4")
     f16 = feats.astype(jnp.bfloat16)
-    for sr, aligned in ((0, True), (2, False)):
+    for sr, aligned in _subset(impl, ((0, True), (2, False))):
       out = _fn(impl, 7, sr, aligned, _max_grid(7))(f16, boxes, bidx, 0.25)
       assert out.dtype == jnp.bfloat16 and out.shape == (40, 7, 7, 2)
       # float32 accumulation of bfloat16 inputs, rounded once to bfloat16 at the end.
@@ -248,6 +298,18 @@ class TestRoIAlign:
       np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=8e-3, atol=1e-6)
       exp = _nhwc(golden[f"B_tv_out7_aligned{int(aligned)}_sr{sr}"])
       np.testing.assert_allclose(np.asarray(out, np.float32), exp, rtol=0, atol=3e-2)
+    # The gradient w.r.t. bfloat16 features, against torch's float64 gradient of the float32
+    # features: the inputs' rounding (~2**-9 relative) and the gradient's own rounding to
+    # bfloat16 (the kernels accumulate in float32; the reference scatter-adds in bfloat16).
+    cot = jnp.asarray(_nhwc(golden["B_cotangent_out7"]).astype(np.float32))
+    exp = _nhwc(golden["B_tv_grad_out7_aligned1_sr0"])
+    for det in _subset(impl, _backwards(impl)):
+      grad = _grad_fn(impl, 7, 0, True, _max_grid(7), det)(f16, boxes, bidx, 0.25,
+                                                            cot.astype(jnp.bfloat16))
+      assert grad.dtype == jnp.bfloat16
+      tol = 2e-2 if impl in KERNEL_IMPLS else 6e-2
+      np.testing.assert_allclose(np.asarray(grad, np.float32), exp, rtol=tol, atol=tol,
+                                 err_msg=f"deterministic={det}")
 
   def test_pyramid_matches_single_level(self, impl):
     rng = np.random.default_rng(1)
@@ -259,18 +321,126 @@ class TestRoIAlign:
     boxes = np.concatenate([xy, xy + rng.uniform(1, 120, (k, 2))], 1).astype(np.float32)
     bidx = rng.integers(0, 2, k).astype(np.int32)
     levels = rng.integers(0, 3, k).astype(np.int32)
-    for sr, aligned in ((0, True), (2, False)):
-      out = jax.jit(functools.partial(
+    for sr, aligned in _subset(impl, ((0, True), (2, False))):
+      pyramid = lambda which, det=False: functools.partial(
           roi_align_lib.roi_align_pyramid, spatial_scales=scales, output_size=7, sampling_ratio=sr,
-          aligned=aligned, max_grid=12, roi_chunk=4, impl=impl))(feats, boxes, bidx, levels)
-      for l in range(3):
-        sel = levels == l
-        exp = _fn(impl, 7, sr, aligned, 12)(feats[l], boxes[sel], bidx[sel], scales[l])
-        # Different programs may contract different a * b + c into FMAs (reference.py docstring).
-        np.testing.assert_allclose(np.asarray(out)[sel], exp, rtol=0, atol=ATOL)
+          aligned=aligned, max_grid=12, roi_chunk=4, impl=which, deterministic=det)
+      if impl not in KERNEL_IMPLS:
+        out = jax.jit(pyramid(impl))(feats, boxes, bidx, levels)
+        for l in range(3):
+          sel = levels == l
+          exp = _fn(impl, 7, sr, aligned, 12)(feats[l], boxes[sel], bidx[sel], scales[l])
+          # Different programs may contract different a * b + c into FMAs (reference.py).
+          np.testing.assert_allclose(np.asarray(out)[sel], exp, rtol=0, atol=ATOL)
+        continue
+      # Kernels: forward and per-level gradients against the reference's pyramid (checked against
+      # single-level pooling by the reference's own run of this test), with both backwards.
+      cot = jnp.asarray(rng.standard_normal((k, 7, 7, 4)).astype(np.float32))
+
+      def out_and_grad(which, det=False):
+        def f(fs):
+          out, vjp = jax.vjp(lambda x: pyramid(which, det)(x, boxes, bidx, levels), fs)
+          return out, vjp(cot)[0]
+        return jax.jit(f)
+
+      exp_out, exp_grad = out_and_grad("reference")(feats)
+      for det in _backwards(impl):
+        fn = out_and_grad(impl, det)
+        out, grad = fn(feats)
+        np.testing.assert_allclose(out, exp_out, rtol=0, atol=ATOL)
+        for l in range(3):
+          np.testing.assert_allclose(grad[l], exp_grad[l], rtol=GRAD_RTOL, atol=GRAD_ATOL,
+                                     err_msg=f"level {l} deterministic={det}")
+        if det:  # bitwise reproducible
+          _, again = fn(feats)
+          for l in range(3):
+            np.testing.assert_array_equal(grad[l], again[l])
+
+  def test_empty(self, impl):
+    out = roi_align_lib.roi_align(jnp.ones((1, 4, 4, 3)), jnp.zeros((0, 4)),
+                                  jnp.zeros((0,), jnp.int32), output_size=7, spatial_scale=1.0,
+                                  sampling_ratio=2, aligned=True, impl=impl)
+    assert out.shape == (0, 7, 7, 3)
 
   def test_adaptive_needs_max_grid(self, impl):
     feats = jnp.zeros((1, 4, 4, 1))
     with pytest.raises(ValueError, match="max_grid"):
       roi_align_lib.roi_align(feats, jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32), output_size=7,
                               spatial_scale=1.0, sampling_ratio=0, aligned=True, impl=impl)
+
+
+def test_impl_resolution():
+  on_gpu = jax.default_backend() == "gpu"
+  assert roi_align_lib.resolve_impl("reference") == "reference"
+  assert roi_align_lib.resolve_impl("interpret") == "interpret"
+  if not on_gpu:
+    assert roi_align_lib.resolve_impl("auto") == "reference"
+    with pytest.raises(ValueError, match="GPU"):
+      roi_align_lib.resolve_impl("pallas")
+  with roi_align_lib.auto_impl("interpret"):
+    assert roi_align_lib.resolve_impl("auto") == "interpret"
+  with pytest.raises(ValueError, match="unknown"):
+    roi_align_lib.resolve_impl("cuda")
+
+
+def _abstract_gpu():
+  """A context naming an H100 for the Triton lowering, which reads the compute capability off the
+  device from JAX 0.11 on (an abstract device stands in for the absent GPU); none before."""
+  import contextlib
+  sharding = jax.sharding
+  if jax.default_backend() == "gpu" or not hasattr(sharding, "AbstractDevice"):
+    return contextlib.nullcontext()
+  device = sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                   platform="gpu")
+  mesh = sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  return sharding.use_abstract_mesh(mesh)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_triton_lowering_for_gpu():
+  """The kernels lower to Triton IR for a CUDA target, on any machine (no GPU needed): the
+  Pallas-to-TTIR step of impl='pallas' (the TTIR-to-PTX compilation still needs a GPU). Each
+  Triton module is verified by MLIR."""
+  pltriton = pytest.importorskip("jax.experimental.pallas.triton")
+  del pltriton
+  from pallas_kernels.roi_align import kernel
+  try:
+    from jax._src.pallas.triton import pallas_call_registration as registration
+  except ImportError:
+    registration = None
+  capture_modules = registration is not None and hasattr(registration, "lowering")
+  modules = []
+  if capture_modules:
+    original = registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+      result = original(*args, **kwargs)
+      modules.append(result.module)
+      return result
+  rng = np.random.default_rng(0)
+  feats = [jnp.asarray(rng.standard_normal((2, 16 // 2**l, 24 // 2**l, 256)), jnp.bfloat16)
+           for l in range(2)]
+  boxes = jnp.asarray(rng.uniform(0, 90, (8, 4)), jnp.float32)
+  bidx = jnp.zeros((8,), jnp.int32)
+  levels = jnp.asarray(rng.integers(0, 2, 8), jnp.int32)
+  texts = []
+  try:
+    if capture_modules:
+      registration.lowering.lower_jaxpr_to_triton_module = capture
+    for det in (False, True):
+      def loss(fs):
+        out = kernel.pool_levels(fs, boxes, bidx, levels, spatial_scales=[0.25, 0.125],
+                                 output_size=7, sampling_ratio=0, aligned=True, max_grid=8,
+                                 deterministic=det)
+        return jnp.sum(out.astype(jnp.float32))
+      with _abstract_gpu():
+        lowered = jax.jit(jax.grad(loss)).trace(feats).lower(lowering_platforms=("cuda",))
+      texts.append(lowered.as_text())
+  finally:
+    if capture_modules:
+      registration.lowering.lower_jaxpr_to_triton_module = original
+  assert len(modules) == (4 if capture_modules else 0)
+  for text in texts:
+    assert text.count("xla.gpu.triton") == 2  # the forward and one backward kernel
+  for module in modules:
+    assert module.operation.verify()
