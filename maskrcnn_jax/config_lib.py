@@ -111,7 +111,7 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   m.max_candidates = 4000
   m.mask_scoring = mask_scoring
   # RoIAlign: the adaptive grid (sampling_ratio 0) is capped at this many samples per bin axis.
-  m.roi_align_max_grid = 8
+  m.roi_align_max_grid = 16
   # Training compute dtype: 'float32' or 'bfloat16' (mixed precision, float32 master weights;
   # maskrcnn_jax/training/train_state.py).
   m.dtype = "float32"
@@ -241,11 +241,13 @@ def train_config() -> ml_collections.ConfigDict:
 
   global_batch: images per iteration over all devices and hosts (the recipes' 16 = 8 GPUs x 2).
   num_steps: 0 = the schedule's length. log_every / checkpoint_every / eval_every: iterations
-  (eval_every 0 = only at the end). keep_checkpoints: the last N are kept.
+  (eval_every 0 = only at the end). keep_checkpoints: the last N are kept. data_seed: -1 = seed.
+  rpn_batch_per_image / roi_batch_per_image: the samplers' sizes (parity_spec 4.1: 256 and 512).
   """
   return ml_collections.ConfigDict(dict(
       global_batch=16, num_steps=0, log_every=20, checkpoint_every=5000, keep_checkpoints=3,
-      async_checkpoints=True, eval_every=0, eval_batch=0, final_eval=True, data_seed=-1))
+      async_checkpoints=True, eval_every=0, final_eval=True, data_seed=-1,
+      rpn_batch_per_image=256, roi_batch_per_image=512))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

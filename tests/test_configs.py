@@ -192,7 +192,7 @@ def test_schedules_and_multiscale():
   for key, config in CONFIGS.items():
     framework, stem = key.split("/")
     if framework != "torchvision":
-      assert config.schedule == re.search(r"_(\d)x(?:_coco)?$", stem).group(1) + "x", key
+      assert config.schedule.name == re.search(r"_(\d)x(?:_coco)?$", stem).group(1) + "x", key
     multiscale = framework == "detectron2" or "mstrain" in stem
     assert (len(config.data.train_short) > 1) == multiscale, key
   # detectron2 Base-RCNN-FPN: MIN_SIZE_TRAIN (640, ..., 800) sampled per image.

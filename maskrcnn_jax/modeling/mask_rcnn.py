@@ -58,7 +58,7 @@ class ModelConfig:
   detections_per_image: int = 100
   max_candidates: int = 4000
   mask_scoring: bool = False
-  roi_align_max_grid: int = 8
+  roi_align_max_grid: int = 16
   nms_coordinate_trick: Optional[bool] = None
   # config.kernels.roi_align: 'auto' | 'reference' | 'pallas' | 'interpret' (pallas_kernels/README.md).
   roi_align_impl: str = "auto"
