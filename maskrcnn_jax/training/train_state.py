@@ -1,0 +1,131 @@
+"""The train state and the jitted, mesh-sharded train step.
+
+`TrainState` holds everything a resumed run needs besides the data position: step, params (float32
+master weights), batch_stats, opt_state and the base rng. The rng of step s is
+`fold_in(state.rng, s)`, so the random stream does not depend on where a run was interrupted.
+
+`make_train_step` returns a `jax.jit`-compiled function of (state, batch) for a `Mesh`: the batch is
+sharded on 'data', the state replicated (maskrcnn_jax/training/sharding.py). A step whose loss or
+gradient norm is not finite leaves the state unchanged (`metrics['finite'] == 0`), so the state the
+trainer checkpoints is always the last good one.
+
+Mixed precision (`compute_dtype='bfloat16'`): the image enters the model in bfloat16; conv / dense
+layers compute in their input's dtype with float32 kernels cast on the fly (modeling/layers.py),
+so the weights, gradients, optimizer state and batch statistics stay float32. bfloat16 has
+float32's exponent range, hence no loss scaling (mmdet's fp16 recipe needs `loss_scale=512`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from maskrcnn_jax.training import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates applied so far
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2] base key (jax.random.PRNGKey)
+
+
+def create_train_state(variables: Dict[str, Any], tx: optax.GradientTransformation,
+                       rng: jax.Array, step: int = 0) -> TrainState:
+  params = variables["params"]
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    rng=jnp.asarray(rng))
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+  """Replicated NamedSharding for every leaf (data parallelism)."""
+  rep = sharding_lib.replicated(mesh)
+  return jax.tree_util.tree_map(lambda _: rep, state)
+
+
+def place_state(state: TrainState, mesh: Mesh) -> TrainState:
+  return jax.device_put(state, state_shardings(state, mesh))
+
+
+def _cast_batch(batch: Dict[str, jax.Array], compute_dtype) -> Dict[str, jax.Array]:
+  if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32:
+    return batch
+  batch = dict(batch)
+  batch["image"] = batch["image"].astype(compute_dtype)
+  return batch
+
+
+def make_loss_fn(model: nn.Module, *, compute_dtype=None, loss_method: Optional[Callable] = None,
+                 loss_kwargs: Optional[Dict[str, Any]] = None):
+  """(params, batch_stats, batch, rng) -> (loss, (terms, new_batch_stats)).
+
+  Calls `model.apply(variables, batch, rng, method=<Model>.losses, mutable=['batch_stats'])`.
+  """
+  method = loss_method or type(model).losses
+  kwargs = dict(loss_kwargs or {})
+
+  def loss_fn(params, batch_stats, batch, rng):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    (loss, terms), new_vars = model.apply(
+        variables, _cast_batch(batch, compute_dtype), rng, method=method,
+        mutable=["batch_stats"], **kwargs)
+    new_stats = new_vars.get("batch_stats", batch_stats) if batch_stats else batch_stats
+    terms = {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}
+    return jnp.asarray(loss, jnp.float32), (terms, new_stats)
+
+  return loss_fn
+
+
+def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, *,
+                  compute_dtype=None, loss_method: Optional[Callable] = None,
+                  loss_kwargs: Optional[Dict[str, Any]] = None):
+  """The un-jitted step: (state, batch) -> (new_state, metrics dict of float32 scalars)."""
+  loss_fn = make_loss_fn(model, compute_dtype=compute_dtype, loss_method=loss_method,
+                         loss_kwargs=loss_kwargs)
+
+  def step(state: TrainState, batch: Dict[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (terms, new_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=new_stats,
+                              opt_state=new_opt)
+    # A non-finite step changes nothing: the trainer stops and the state stays the last good one.
+    new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+    metrics = dict(terms)
+    metrics.update(loss=loss, lr=jnp.asarray(schedule(state.step), jnp.float32),
+                   grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+  return step
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
+                    mesh: Mesh, state: TrainState, *, compute_dtype=None, donate: bool = True,
+                    loss_method: Optional[Callable] = None,
+                    loss_kwargs: Optional[Dict[str, Any]] = None):
+  """jax.jit of `train_step_fn` with the state replicated and the batch sharded on 'data'.
+
+  The batch sharding is taken from the arrays (sharding.shard_batch); outputs: the state
+  replicated, the metrics replicated scalars.
+  """
+  fn = train_step_fn(model, tx, schedule, compute_dtype=compute_dtype, loss_method=loss_method,
+                     loss_kwargs=loss_kwargs)
+  shardings = state_shardings(state, mesh)
+  rep = sharding_lib.replicated(mesh)
+  return jax.jit(fn, in_shardings=(shardings, sharding_lib.data_sharding(mesh)),
+                 out_shardings=(shardings, rep), donate_argnums=(0,) if donate else ())

@@ -1,0 +1,421 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+What a run writes into `workdir` (process 0 only, except checkpoints, which every process joins):
+
+  config.json                 the resolved config (with the dataset paths and category ids)
+  metrics.jsonl               one JSON object per logged step (loss terms, lr, grad norm, img/s)
+                              and per periodic evaluation ('eval/bbox/AP', ...)
+  tensorboard/events.out.tfevents.*   the same scalars for TensorBoard (metric_writers.py)
+  checkpoints/<step>/         orbax checkpoints (checkpointing.py), the last train.keep_checkpoints
+  metrics.json, predictions.json      the final COCO evaluation (evaluation/evaluator.py):
+                              {"bbox": {"AP": ..., "AP50": ..., ...}, "segm": {...}}
+  model/                      the final variables + config.json in the converted-checkpoint layout
+                              (predict / evaluate --checkpoint WORKDIR/model)
+
+Restarting the same command continues from the newest checkpoint: params, optimizer state, batch
+statistics, step, rng and the data position are restored, so the losses continue exactly as in an
+uninterrupted run. A non-finite loss stops the run with an error naming the step and the loss
+terms; the state is never updated by that step and the checkpoints on disk stay the last good ones.
+
+The progress line (stdout, every train.log_every steps) shows step, the loss terms averaged over
+the interval, the learning rate, images per second and the ETA.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax.modeling.build import build_model, init_variables
+from maskrcnn_jax.training import checkpointing, metric_writers, optimizer as optimizer_lib
+from maskrcnn_jax.training import sharding as sharding_lib
+from maskrcnn_jax.training import train_state as train_state_lib
+
+logger = logging.getLogger(__name__)
+
+# The batch keys the model's losses read (the loader also returns image_id, flipped, truncated).
+TRAIN_KEYS = ("image", "image_hw", "gt_boxes", "gt_labels", "gt_valid", "gt_crowd", "gt_masks")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A training step produced a NaN / Inf loss or gradient."""
+
+
+class _DropInfoFrom(logging.Filter):
+  """Drops INFO-and-below records logged from files under the given package folders."""
+
+  def __init__(self, *folders: str):
+    super().__init__()
+    self.folders = tuple(os.sep + f + os.sep for f in folders)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or not any(f in record.pathname for f in self.folders)
+
+
+def quiet_library_logs() -> None:
+  """Hides orbax's per-save INFO lines (dozens per checkpoint) from the CLI's output."""
+  try:
+    from absl import logging as absl_logging
+    handler = absl_logging.get_absl_handler()
+  except ImportError:
+    return
+  if not any(isinstance(f, _DropInfoFrom) for f in handler.filters):
+    handler.addFilter(_DropInfoFrom("orbax", "etils"))
+
+
+def _print(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _fmt_time(seconds: float) -> str:
+  if not math.isfinite(seconds) or seconds < 0:
+    return "?"
+  return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_data(config: ml_collections.ConfigDict) -> None:
+  """Fills config.data.{train,val}_{json,images} from config.data.builtin when that is set.
+
+  config.data.builtin: a dict of `data.builtin.ensure_builtin_dataset` arguments (num_train,
+  num_val, image_size, seed; cache_dir optional); the dataset is generated on first use.
+  """
+  builtin = config.data.get("builtin", None)
+  if builtin:
+    from maskrcnn_jax.data import builtin as builtin_lib
+    kwargs = dict(builtin)
+    cache_dir = kwargs.pop("cache_dir", None) or None
+    paths = builtin_lib.ensure_builtin_dataset(cache_dir, **kwargs)
+    config.data.train_json, config.data.train_images = paths["train"]
+    config.data.val_json, config.data.val_images = paths["val"]
+  if not config.data.get("train_json", ""):
+    raise ValueError("no training data: set config.data.train_json and config.data.train_images "
+                     "(COCO format) or config.data.builtin")
+
+
+def set_categories(config: ml_collections.ConfigDict, category_ids) -> None:
+  """Makes config.model.num_classes / config.category_ids agree with the training set.
+
+  bg_last layouts (mmdet, detectron2): label i <-> category_ids[i]; num_classes = #categories.
+  bg_first (torchvision): the class index is the category id (num_classes >= max id).
+  A recipe's num_classes that disagrees with the dataset is corrected with a log line (the
+  fine-tuning case: config.init then re-initialises the class layers).
+  """
+  ids = tuple(int(c) for c in category_ids)
+  conv = conventions_lib.get(config.convention)
+  if conv.class_layout == "bg_last":
+    if int(config.model.num_classes) != len(ids):
+      _print(f"training set has {len(ids)} categories: model.num_classes "
+             f"{config.model.num_classes} -> {len(ids)}")
+      config.model.num_classes = len(ids)
+    config.category_ids = ids
+  else:
+    if int(config.model.num_classes) < max(ids):
+      _print(f"training set category ids go up to {max(ids)}: model.num_classes "
+             f"{config.model.num_classes} -> {max(ids)}")
+      config.model.num_classes = max(ids)
+    config.category_ids = ids
+
+
+def _take_train_keys(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  return {k: batch[k] for k in TRAIN_KEYS if k in batch}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation hook
+# ------------------------------------------------------------------------------------------------
+
+
+def run_evaluation(config: ml_collections.ConfigDict, variables: Any, *, workdir: Optional[str],
+                   mesh=None) -> Optional[Dict[str, Dict[str, float]]]:
+  """COCO evaluation on config.data.val_json through maskrcnn_jax.evaluation.evaluator.
+
+  Returns None (with a log line) when there is no val set or no evaluator module.
+  """
+  if not config.data.get("val_json", ""):
+    _print("no config.data.val_json: skipping evaluation")
+    return None
+  try:
+    from maskrcnn_jax.evaluation import evaluator
+  except ImportError as e:  # the evaluation package is optional for training
+    _print(f"evaluation unavailable ({e}); skipping")
+    return None
+  ev = config.get("eval", ml_collections.ConfigDict())
+  kwargs = dict(annotation_file=config.data.val_json, image_dir=config.data.val_images,
+                workdir=workdir, batch_size_per_device=int(ev.get("batch_size_per_device", 1)),
+                num_workers=int(ev.get("num_workers", 2)), log=_print)
+  if mesh is not None:
+    kwargs["mesh"] = mesh
+  return evaluator.evaluate(config, variables, **kwargs)
+
+
+def _flat_eval(metrics: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+  out = {}
+  for iou_type, values in (metrics or {}).items():
+    for k, v in values.items():
+      if isinstance(v, (int, float)) and v is not None:
+        out[f"eval/{iou_type}/{k}"] = float(v)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Main loop
+# ------------------------------------------------------------------------------------------------
+
+
+def export_variables(config: ml_collections.ConfigDict, state: Any, directory: str) -> None:
+  """The trained {'params', 'batch_stats'} + config.json in the layout of a converted checkpoint
+  (checkpoints/orbax_io.py), for `maskrcnn_jax.predict` / `maskrcnn_jax.evaluate --checkpoint`."""
+  if jax.process_count() > 1:
+    return  # the orbax train checkpoints hold the same arrays
+  from maskrcnn_jax.checkpoints import orbax_io
+  host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  orbax_io.save_variables(directory, host, config, note="trained with maskrcnn_jax.train\n")
+  _print(f"wrote the trained model to {directory} (config.json holds num_classes and "
+         "category_ids)")
+
+
+def _config_for_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy we may fill in
+  if "train" not in c:
+    from maskrcnn_jax import config_lib
+    c.train = config_lib.train_config()
+  return c
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _mean_metrics(history: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
+  keys = history[-1].keys()
+  out = {}
+  for k in keys:
+    values = [float(h[k]) for h in history if k in h]
+    out[k] = float(np.mean(values)) if k not in ("lr", "finite") else values[-1]
+  return out
+
+
+def _progress_line(step: int, total: int, m: Dict[str, float], ips: float, eta: float) -> str:
+  terms = " ".join(f"{k[5:]} {m[k]:.4f}" for k in sorted(m) if k.startswith("loss_"))
+  return (f"step {step}/{total}  loss {m['loss']:.4f} ({terms})  lr {m['lr']:.3g}  "
+          f"{ips:.2f} img/s  ETA {_fmt_time(eta)}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: Optional[int] = None, model: Any = None) -> Dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
+
+  Args:
+    config: a recipe config (config_lib layout).
+    workdir: output folder (module docstring).
+    stop_after: stop (with a checkpoint) once this many steps are done in total; for tests and
+      for splitting a run into jobs. The schedule still runs to train.num_steps.
+    model: a train-mode Flax module with `losses(batch, rng, **kwargs)` to use instead of
+      `build_model(config, train=True)` (tests use a tiny stand-in).
+
+  Returns:
+    dict(step=final step, metrics=final evaluation or None, history=[logged metric dicts]).
+
+  Raises:
+    NonFiniteLossError: a NaN / Inf loss or gradient (the message names the step and the terms).
+  """
+  config = _config_for_run(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  tc = config.train
+
+  # ---- data ----
+  from maskrcnn_jax.data import coco as coco_lib, loader as loader_lib
+  resolve_data(config)
+  train_set = coco_lib.CocoDataset(config.data.train_json, config.data.train_images,
+                                   convention=config.convention)
+  set_categories(config, train_set.category_ids)
+  _write_config(config, workdir)
+
+  mesh = sharding_lib.make_mesh(int(config.get("mesh", {}).get("data", -1)))
+  global_batch = int(tc.global_batch)
+  sharding_lib.check_batch_divisible(global_batch, mesh)
+  data_seed = int(tc.get("data_seed", -1))
+  data_seed = int(config.seed) if data_seed < 0 else data_seed
+  loader = loader_lib.TrainLoader(
+      train_set, config, seed=data_seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), global_batch=global_batch)
+
+  schedule = optimizer_lib.make_schedule(config, global_batch=global_batch,
+                                         steps_per_epoch=loader.steps_per_epoch)
+  total_steps = int(tc.num_steps) or schedule.total_steps
+
+  # ---- model, optimizer, state ----
+  custom_model = model is not None
+  model = model if custom_model else build_model(config, train=True)
+  rng = jax.random.PRNGKey(int(config.seed))
+  init_rng, state_rng = jax.random.split(rng)
+  variables = jax.device_get(init_variables(model, init_rng))
+  variables = {k: v for k, v in dict(variables).items()}
+  if config.get("init", ""):
+    variables, reinit = checkpointing.load_init(config, variables, config.init)
+    _print(f"initialised from {config.init}"
+           + (f" (re-initialised {len(reinit)} class-dependent variables)" if reinit else ""))
+  tx = optimizer_lib.build_optimizer(config, variables["params"], schedule)
+  state = train_state_lib.create_train_state(variables, tx, state_rng)
+  state = train_state_lib.place_state(state, mesh)
+  del variables
+  counts = optimizer_lib.count_params(state.params, config)
+  _print(f"{config.get('upstream', '') or 'model'}: {sum(counts.values()) / 1e6:.2f}M params "
+         f"({counts['frozen'] / 1e6:.2f}M frozen); {mesh.devices.size} device(s), "
+         f"{jax.process_count()} process(es), global batch {global_batch}; "
+         f"{len(loader.image_ids)} training images, {loader.steps_per_epoch} steps/epoch; "
+         f"schedule: {schedule.describe()}; running {total_steps} steps")
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=int(tc.keep_checkpoints),
+                                    async_save=bool(tc.async_checkpoints))
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    state, loader_state = ckpt.restore(state)
+    start_step = int(jax.device_get(state.step))
+    if loader_state is not None:
+      loader.restore(loader_state)
+    else:
+      loader.set_position_from_step(start_step)
+    _print(f"resumed from {ckpt.directory}/{start_step} (data position {loader.state()})")
+
+  compute_dtype = jnp.dtype(config.model.get("dtype", "float32"))
+  loss_kwargs = {}
+  if not custom_model:
+    if conventions_lib.get(config.convention).class_layout == "bg_first":
+      loss_kwargs["category_ids"] = tuple(config.category_ids)
+    for key in ("rpn_batch_per_image", "roi_batch_per_image"):
+      if int(tc.get(key, 0) or 0) > 0:
+        loss_kwargs[key] = int(tc[key])
+  train_step = train_state_lib.make_train_step(
+      model, tx, schedule, mesh, state, compute_dtype=compute_dtype, loss_kwargs=loss_kwargs)
+
+  writer = metric_writers.NullWriter()
+  if jax.process_index() == 0:
+    writer = metric_writers.MultiWriter(
+        metric_writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
+                                   truncate_after_step=start_step),
+        metric_writers.TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+
+  log_every = max(int(tc.log_every), 1)
+  ckpt_every = int(tc.checkpoint_every)
+  eval_every = int(tc.get("eval_every", 0))
+  end_step = total_steps if stop_after is None else min(total_steps, int(stop_after))
+  history: List[Dict[str, float]] = []
+  window: List[Dict[str, Any]] = []
+  pending: Optional[Tuple[int, Dict[str, Any]]] = None  # (step, metrics) not yet checked
+  last_saved = start_step
+  t_window, n_window = None, 0
+  t_first_done = None
+
+  def check_finite(step_no: int, metrics: Dict[str, Any]) -> None:
+    if float(jax.device_get(metrics["finite"])) > 0:
+      return
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(host.items()) if k.startswith("loss"))
+    ckpt.wait_until_finished()
+    latest = ckpt.latest_step()
+    where = (f"the last good checkpoint is step {latest} in {ckpt.directory} (the same command "
+             "resumes from it)" if latest is not None
+             else "no checkpoint was written yet (the same command starts over)")
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step_no} ({terms}, grad_norm={host['grad_norm']:.4g}, "
+        f"lr={host['lr']:.4g}); stopping. The step was not applied; {where}. Consider a lower "
+        "optim.base_lr, a longer warmup or optim.grad_clip_norm.")
+
+  try:
+    step = start_step
+    while step < end_step:
+      batch = sharding_lib.shard_batch(_take_train_keys(next(loader)), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      # Check the previous step while this one runs (no pipeline stall).
+      if pending is not None:
+        check_finite(*pending)
+      pending = (step, metrics)
+      window.append(metrics)
+      if t_first_done is None:
+        jax.block_until_ready(metrics["loss"])
+        t_first_done = time.time()
+        t_window, n_window = t_first_done, 0
+        _print(f"first step done in {t_first_done - t_start:.1f} s since start (compilation "
+               "included)")
+      else:
+        n_window += 1
+      is_last = step == end_step
+      if step % log_every == 0 or is_last:
+        check_finite(*pending)
+        pending = None
+        host = [dict((k, np.asarray(v)) for k, v in m.items()) for m in jax.device_get(window)]
+        window = []
+        mean = _mean_metrics(host)
+        now = time.time()
+        ips = n_window * global_batch / max(now - t_window, 1e-9) if n_window else float("nan")
+        eta = (total_steps - step) * global_batch / ips if ips and ips == ips else float("nan")
+        t_window, n_window = now, 0
+        mean["images_per_sec"] = ips
+        _print(_progress_line(step, total_steps, mean, ips, eta))
+        writer.write_scalars(step, {("train/" + k): v for k, v in mean.items()})
+        history.append(dict(step=step, **mean))
+      if (ckpt_every and step % ckpt_every == 0) or is_last:
+        if pending is not None:
+          check_finite(*pending)
+          pending = None
+        ckpt.save(step, state, loader.state())
+        last_saved = step
+      if eval_every and step % eval_every == 0 and step < total_steps:
+        metrics_eval = run_evaluation(config, {"params": state.params,
+                                               "batch_stats": state.batch_stats},
+                                      workdir=None, mesh=mesh)
+        if metrics_eval:
+          writer.write_scalars(step, _flat_eval(metrics_eval))
+    if pending is not None:
+      check_finite(*pending)
+    if last_saved != step and step > start_step:
+      ckpt.save(step, state, loader.state())
+    ckpt.wait_until_finished()
+  finally:
+    ckpt.close()
+    loader.close()
+  train_time = time.time() - t_start
+  if step > start_step:
+    _print(f"trained to step {step} in {_fmt_time(train_time)}")
+  if step >= total_steps and not custom_model:
+    export_variables(config, state, os.path.join(workdir, "model"))
+
+  final = None
+  if step >= total_steps and bool(tc.get("final_eval", True)):
+    final = run_evaluation(config, {"params": state.params, "batch_stats": state.batch_stats},
+                           workdir=workdir, mesh=mesh)
+    if final:
+      writer.write_scalars(step, _flat_eval(final))
+      _print("final: " + "  ".join(
+          f"{t} AP {final[t].get('AP', float('nan')):.2f}" for t in ("bbox", "segm") if t in final)
+             + f"  (total {_fmt_time(time.time() - t_start)})")
+  writer.close()
+  return dict(step=step, metrics=final, history=history, state=state)
