@@ -79,6 +79,8 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   m.norm = "frozen_bn"
   m.norm_eps = norm_eps
   m.freeze_at = 2
+  m.stem_out_channels = 64  # detectron2 RESNETS.STEM_OUT_CHANNELS
+  m.res2_out_channels = 256  # detectron2 RESNETS.RES2_OUT_CHANNELS
   pixel = pixel or (CAFFE_BGR if style == "caffe" else PYTORCH_RGB)
   m.pixel_mean = pixel["pixel_mean"]
   m.pixel_std = pixel["pixel_std"]
@@ -101,7 +103,11 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   m.box_head_num_conv = 4 if torchvision_v2 else 0
   m.box_head_num_fc = 1 if torchvision_v2 else 2
   m.box_head_norm = "bn" if torchvision_v2 else ""
+  m.box_head_conv_dim = 256
+  m.box_head_fc_dim = 1024
   m.mask_head_norm = "bn" if torchvision_v2 else ""
+  m.mask_head_num_conv = 4
+  m.mask_head_conv_dim = 256
   m.bbox_reg_weights = (10.0, 10.0, 5.0, 5.0) if convention != "mmdet" else (0.1, 0.1, 0.2, 0.2)
   m.score_thresh = 0.05
   m.nms_thresh = 0.5

@@ -33,6 +33,9 @@ class ModelConfig:
   groups: int = 1
   width_per_group: int = 64
   stride_in_1x1: bool = False
+  # detectron2 RESNETS.STEM_OUT_CHANNELS / RES2_OUT_CHANNELS (narrow models: configs/quickstart.py).
+  stem_out_channels: int = 64
+  res2_out_channels: int = 256
   norm: str = "frozen_bn"
   norm_eps: float = 1e-5
   freeze_at: int = 2
@@ -51,7 +54,11 @@ class ModelConfig:
   box_head_num_conv: int = 0
   box_head_num_fc: int = 2
   box_head_norm: str = ""
+  box_head_conv_dim: int = 256
+  box_head_fc_dim: int = 1024
   mask_head_norm: str = ""
+  mask_head_num_conv: int = 4
+  mask_head_conv_dim: int = 256
   bbox_reg_weights: Tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
   score_thresh: float = 0.05
   nms_thresh: float = 0.5
@@ -170,17 +177,20 @@ class MaskRCNN(nn.Module):
     self.backbone = ResNet(
         depth=cfg.depth, groups=cfg.groups, width_per_group=cfg.width_per_group,
         stride_in_1x1=cfg.stride_in_1x1, norm=cfg.norm, norm_eps=cfg.norm_eps,
-        freeze_at=cfg.freeze_at, train=self.train, precision=self.precision)
+        freeze_at=cfg.freeze_at, stem_out_channels=cfg.stem_out_channels,
+        res2_out_channels=cfg.res2_out_channels, train=self.train, precision=self.precision)
     self.fpn = FPN(cfg.fpn_channels, norm=cfg.fpn_norm or None, train=self.train,
                    precision=self.precision)
     self.rpn_head = heads.RPNHead(len(cfg.anchor_ratios), cfg.rpn_num_convs, cfg.fpn_channels,
                                   precision=self.precision)
     self.box_head = heads.BoxHead(
-        num_conv=cfg.box_head_num_conv, num_fc=cfg.box_head_num_fc,
-        norm=cfg.box_head_norm or None, train=self.train, precision=self.precision)
+        num_conv=cfg.box_head_num_conv, conv_dim=cfg.box_head_conv_dim, num_fc=cfg.box_head_num_fc,
+        fc_dim=cfg.box_head_fc_dim, norm=cfg.box_head_norm or None, train=self.train, precision=self.precision)
     self.box_predictor = heads.BoxPredictor(cfg.num_cls_outputs, cfg.num_reg_classes,
                                             precision=self.precision)
-    self.mask_head = heads.MaskHead(cfg.num_reg_classes, norm=cfg.mask_head_norm or None,
+    self.mask_head = heads.MaskHead(cfg.num_reg_classes, num_conv=cfg.mask_head_num_conv,
+                                    conv_dim=cfg.mask_head_conv_dim,
+                                    norm=cfg.mask_head_norm or None,
                                     train=self.train, precision=self.precision)
     if cfg.mask_scoring:
       self.maskiou_head = heads.MaskIoUHead(cfg.num_classes, precision=self.precision)

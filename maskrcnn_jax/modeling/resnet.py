@@ -74,6 +74,11 @@ class ResNet(nn.Module):
     freeze_at: 0 trains everything; 1 freezes the stem; k freezes the stem and res2..res(k)
       (detectron2 FREEZE_AT, mmdet frozen_stages + 1); implemented with stop_gradient.
     res5_dilation: 2 for the DC5 variant (stride 1, dilation 2 in res5).
+    stem_out_channels, res2_out_channels: 64 and 256 (detectron2 RESNETS.STEM_OUT_CHANNELS /
+      RES2_OUT_CHANNELS); stage i's output has res2_out_channels * 2**(i-2) channels. Smaller
+      values make the narrow from-scratch models of configs/quickstart.py.
+    last_stage: the last stage built (5, or 4 for the C4 backbone, whose res5 runs in the
+      RoI head).
   Input [N, H, W, 3] float32 (normalized, padded to a multiple of 32) -> dict 'c2'..'c5' of
   [N, H/4, W/4, 256 * e] ... [N, H/32, W/32, 2048 * e] features.
   """
@@ -85,6 +90,9 @@ class ResNet(nn.Module):
   norm_eps: float = 1e-5
   freeze_at: int = 2
   res5_dilation: int = 1
+  stem_out_channels: int = 64
+  res2_out_channels: int = 256
+  last_stage: int = 5
   train: bool = False
   precision: Any = None
 
@@ -93,7 +101,7 @@ class ResNet(nn.Module):
     if self.depth not in BLOCKS_PER_STAGE:
       raise ValueError(f"unsupported ResNet depth {self.depth}; expected one of "
                        f"{sorted(BLOCKS_PER_STAGE)}")
-    x = Conv(64, 7, 2, use_bias=False, precision=self.precision, name="stem_conv")(x)
+    x = Conv(self.stem_out_channels, 7, 2, use_bias=False, precision=self.precision, name="stem_conv")(x)
     x = nn.relu(Norm(self.norm, self.norm_eps, self.train, name="stem_norm")(x))
     # 3x3 stride-2 max-pool with padding 1, padded with -inf (torch MaxPool2d semantics).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -103,11 +111,13 @@ class ResNet(nn.Module):
     widths = stage_widths(self.groups, self.width_per_group)
     for i, (n_blocks, width) in enumerate(zip(BLOCKS_PER_STAGE[self.depth], widths)):
       stage = i + 2
+      if stage > self.last_stage:
+        break
       dilation = self.res5_dilation if stage == 5 else 1
       stride = 1 if stage == 2 or dilation > 1 else 2
       for b in range(n_blocks):
         x = Bottleneck(
-            width=width, out_channels=256 * 2**i, stride=stride if b == 0 else 1,
+            width=width, out_channels=self.res2_out_channels * 2**i, stride=stride if b == 0 else 1,
             groups=self.groups, stride_in_1x1=self.stride_in_1x1, dilation=dilation,
             has_shortcut=b == 0, norm=self.norm, norm_eps=self.norm_eps, train=self.train,
             precision=self.precision, name=f"res{stage}_{b}")(x)
