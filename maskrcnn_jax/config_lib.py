@@ -49,8 +49,9 @@ TORCHVISION_RGB01 = dict(pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.2
 def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_group: int = 64,
               style: str = "pytorch", pixel: dict | None = None, norm_eps: float = 1e-5,
               mask_scoring: bool = False, schedule: str = "1x", multiscale: bool = False,
-              torchvision_v2: bool = False, upstream: str = "") -> ml_collections.ConfigDict:
-  """The FPN Mask R-CNN / Mask Scoring R-CNN config shared by all recipes.
+              torchvision_v2: bool = False, arch: str = "FPN",
+              upstream: str = "") -> ml_collections.ConfigDict:
+  """The Mask R-CNN / Mask Scoring R-CNN config shared by all recipes.
 
   Args:
     convention: 'mmdet' | 'detectron2' | 'torchvision'.
@@ -62,6 +63,9 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
     schedule: '1x' | '2x' | '3x' (torchvision: '26e' | '400e'); resolved by `schedule_config`.
     multiscale: mstrain recipes.
     torchvision_v2: BN in FPN and heads, 2 RPN convs, 4conv1fc box head.
+    arch: 'FPN', or detectron2's 'C4' (Base-RCNN-C4.yaml: Res5ROIHeads, mask head with no convs)
+      and 'DC5' (Base-RCNN-DilatedC5.yaml): one stride-16 feature map, all five anchor sizes on
+      it, RPN top-k 6000 / 1000 at test time (12000 / 2000 in training, the defaults).
     upstream: the upstream config name, for the record.
   """
   if style not in ("caffe", "pytorch"):
@@ -70,8 +74,14 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   c.upstream = upstream
   c.convention = convention
   c.seed = 0
+  if arch not in ("FPN", "C4", "DC5"):
+    raise ValueError(f"arch must be 'FPN', 'C4' or 'DC5', got {arch!r}")
+  if arch != "FPN" and (convention != "detectron2" or mask_scoring or torchvision_v2):
+    raise ValueError(f"arch {arch!r} is detectron2's (no MaskIoU head, no torchvision v2)")
+  single_level = arch != "FPN"
 
   m = c.model = ml_collections.ConfigDict()
+  m.arch = arch
   m.depth = depth
   m.groups = groups
   m.width_per_group = width_per_group
@@ -91,22 +101,26 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   # RPN (parity_spec 3.7, 3.9).
   m.anchor_sizes = (32, 64, 128, 256, 512)
   m.anchor_ratios = (0.5, 1.0, 2.0)
-  m.anchor_strides = (4, 8, 16, 32, 64)
+  # FPN: one size per level P2..P6; C4 / DC5: all sizes at the single stride-16 map.
+  m.anchor_strides = (16,) if single_level else (4, 8, 16, 32, 64)
   m.rpn_num_convs = 2 if torchvision_v2 else 1
-  m.rpn_pre_nms_topk_test = 1000
+  # detectron2 defaults PRE_NMS_TOPK_TRAIN 12000 / POST_NMS_TOPK_TRAIN 2000 (per level; the FPN
+  # yamls set 2000 / 1000); Base-RCNN-C4 / DilatedC5 set PRE_NMS_TOPK_TEST 6000, POST 1000.
+  m.rpn_pre_nms_topk_test = 6000 if single_level else 1000
   m.rpn_post_nms_topk_test = 1000
-  m.rpn_pre_nms_topk_train = 2000
-  m.rpn_post_nms_topk_train = 2000 if convention == "torchvision" else 1000
+  m.rpn_pre_nms_topk_train = 12000 if single_level else 2000
+  m.rpn_post_nms_topk_train = (2000 if convention == "torchvision" or single_level else 1000)
   m.rpn_nms_thresh = 0.7
   # RoI heads (parity_spec 3.12).
   m.num_classes = 80
   m.box_head_num_conv = 4 if torchvision_v2 else 0
-  m.box_head_num_fc = 1 if torchvision_v2 else 2
+  # C4: no box head (the predictor reads res5's mean), mask head without convs (NUM_CONV 0).
+  m.box_head_num_fc = 1 if torchvision_v2 else (0 if arch == "C4" else 2)
   m.box_head_norm = "bn" if torchvision_v2 else ""
   m.box_head_conv_dim = 256
   m.box_head_fc_dim = 1024
   m.mask_head_norm = "bn" if torchvision_v2 else ""
-  m.mask_head_num_conv = 4
+  m.mask_head_num_conv = 0 if arch == "C4" else 4
   m.mask_head_conv_dim = 256
   m.bbox_reg_weights = (10.0, 10.0, 5.0, 5.0) if convention != "mmdet" else (0.1, 0.1, 0.2, 0.2)
   m.score_thresh = 0.05

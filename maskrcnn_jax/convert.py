@@ -26,7 +26,7 @@ def model_spec(config) -> "name_maps.ModelSpec":
       depth=int(m.depth), has_maskiou=bool(m.mask_scoring),
       torchvision_v2=bool(m.fpn_norm) and config.convention == "torchvision",
       groups=int(m.groups), width_per_group=int(m.width_per_group),
-      num_classes=int(m.num_classes))
+      num_classes=int(m.num_classes), arch=str(m.get("arch", "FPN")))
 
 
 def convert(config, src: str, out: str | None = None):

@@ -55,6 +55,12 @@ PUBLISHED = {
     "detectron2/mask_rcnn_R_50_FPN_3x": (41.0, 37.2, "model_final_f10217.pkl"),
     "detectron2/mask_rcnn_R_101_FPN_3x": (42.9, 38.6, "model_final_a3ec72.pkl"),
     "detectron2/mask_rcnn_X_101_32x8d_FPN_3x": (44.3, 39.5, "model_final_2d9806.pkl"),
+    "detectron2/mask_rcnn_R_50_C4_1x": (36.8, 32.2, "model_final_9243eb.pkl"),
+    "detectron2/mask_rcnn_R_50_C4_3x": (39.8, 34.4, "model_final_4ce675.pkl"),
+    "detectron2/mask_rcnn_R_50_DC5_1x": (38.3, 34.2, "model_final_4f86c3.pkl"),
+    "detectron2/mask_rcnn_R_50_DC5_3x": (40.0, 35.9, "model_final_84107b.pkl"),
+    "detectron2/mask_rcnn_R_101_C4_3x": (42.6, 36.7, "model_final_a2914c.pkl"),
+    "detectron2/mask_rcnn_R_101_DC5_3x": (41.9, 37.3, "model_final_0464b7.pkl"),
     "torchvision/maskrcnn_resnet50_fpn": (37.9, 34.6, "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"),
     "torchvision/maskrcnn_resnet50_fpn_v2": (
         47.4, 41.8, "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth"),
@@ -96,12 +102,32 @@ def test_required_recipes_exist():
 
 def test_row_counts():
   # mask_rcnn README: 12 "Results and models" rows (fp16 included) + 9 "Pre-trained Models" rows;
-  # ms_rcnn: 7 rows; detectron2: 4 FPN rows; torchvision: v1 and v2.
+  # ms_rcnn: 7 rows; detectron2: 4 FPN + 3 C4 + 3 DC5 rows; torchvision: v1 and v2.
   assert len(_select("mmdet", r"^mask_rcnn_")) == 21
   assert len(_select("mmdet", r"^ms_rcnn_")) == 7
-  assert len(_select("detectron2")) == 4
+  assert len(_select("detectron2")) == 10
+  assert len(_select("detectron2", r"_C4_")) == len(_select("detectron2", r"_DC5_")) == 3
   assert len(_select("torchvision")) == 2
-  assert len(CONFIGS) == len(CONFIG_PATHS) == 34
+  assert len(CONFIGS) == len(CONFIG_PATHS) == 40
+
+
+def test_architecture_from_name():
+  """detectron2 Base-RCNN-C4 / Base-RCNN-DilatedC5 settings; every other recipe is FPN."""
+  for key, config in CONFIGS.items():
+    m = config.model
+    arch = re.search(r"_(C4|DC5)_", key)
+    assert m.arch == (arch.group(1) if arch else "FPN"), key
+    if m.arch == "FPN":
+      assert tuple(m.anchor_strides) == (4, 8, 16, 32, 64), key
+      continue
+    assert tuple(m.anchor_sizes) == (32, 64, 128, 256, 512), key
+    assert tuple(m.anchor_strides) == (16,), key
+    assert (m.rpn_pre_nms_topk_test, m.rpn_post_nms_topk_test) == (6000, 1000), key
+    assert (m.rpn_pre_nms_topk_train, m.rpn_post_nms_topk_train) == (12000, 2000), key
+    if m.arch == "C4":  # Res5ROIHeads: no box head; MaskRCNNConvUpsampleHead NUM_CONV 0
+      assert (m.box_head_num_conv, m.box_head_num_fc, m.mask_head_num_conv) == (0, 0, 0), key
+    else:  # FastRCNNConvFCHead NUM_FC 2; mask head NUM_CONV 4
+      assert (m.box_head_num_conv, m.box_head_num_fc, m.mask_head_num_conv) == (0, 2, 4), key
 
 
 @pytest.mark.parametrize("key", sorted(CONFIGS))

@@ -8,7 +8,7 @@ Each framework keeps its native class layout (parity_spec 5 item 4): mmdet / d2 
 81-way (background last) / 80-way, torchvision heads stay 91-way (background first).
 
 Public API:
-  ModelSpec(depth, has_maskiou, torchvision_v2, groups, width_per_group, num_classes)
+  ModelSpec(depth, has_maskiou, torchvision_v2, groups, width_per_group, num_classes, arch)
   to_variables(state, *, framework, spec, strict=True, dtype=np.float32, source=None) -> variables
   map_state_dict(state, *, framework, spec, dtype=np.float32) -> MappingResult
   expected_shapes(spec, framework) -> {path tuple: shape}
@@ -84,6 +84,9 @@ class ModelSpec:
       X101-32x4d / 64x4d; 8 for d2 X101-32x8d). Stage widths are width_per_group * groups * 2^i.
     num_classes: foreground classes in the framework's native layout: 80 for COCO mmdet / d2
       (heads 81 / 320 / 80) and 90 for COCO torchvision (heads 91 / 364 / 91).
+    arch: 'FPN', or detectron2's 'C4' (backbone up to res4, `roi_heads.res5`, box predictor on
+      res5's 2048-d mean, mask head deconv + predictor) and 'DC5' (dilated res5, RPN / 2-FC box
+      head / 4-conv mask head on its 2048 channels); modeling/mask_rcnn.py.
 
   `groups`, `width_per_group` and `num_classes` may be None: `to_variables` then takes them from
   the checkpoint (`resolved`), leaving their check to `check_against` with the model's own shapes;
@@ -96,8 +99,11 @@ class ModelSpec:
   groups: int | None = None
   width_per_group: int | None = None
   num_classes: int | None = None
+  arch: str = 'FPN'
 
   def __post_init__(self):
+    if self.arch not in ('FPN', 'C4', 'DC5'):
+      raise ValueError(f"ModelSpec.arch must be 'FPN', 'C4' or 'DC5', got {self.arch!r}")
     if self.depth not in _BLOCKS:
       raise ValueError(f'ModelSpec.depth must be one of {sorted(_BLOCKS)}, got {self.depth}')
     if (self.groups is not None and self.groups < 1) or (
@@ -153,7 +159,7 @@ class ModelSpec:
         f'ResNeXt-{self.depth} {self._groups}x{self._wpg}d')
     extras = [s for s, on in (('MaskIoU head', self.has_maskiou),
                               ('torchvision v2', self.torchvision_v2)) if on]
-    return name + (f' ({", ".join(extras)})' if extras else '')
+    return name + f'-{self.arch}' + (f' ({", ".join(extras)})' if extras else '')
 
 
 def _canonical(framework: str) -> str:
@@ -238,7 +244,7 @@ _Entry = tuple[tuple[str, ...], str]
 
 
 def _resnet_modules(spec: ModelSpec, framework: str, prefix: str) -> dict[str, _Entry]:
-  """Backbone bottom-up (parity_spec 2.2, 2.6, 2.7; cross map 2.8)."""
+  """Backbone bottom-up (parity_spec 2.2, 2.6, 2.7; cross map 2.8); C4: up to res4."""
   t: dict[str, _Entry] = {}
   if framework == 'detectron2':
     t[f'{prefix}stem.conv1'] = (('backbone', 'stem_conv'), 'conv')
@@ -248,6 +254,8 @@ def _resnet_modules(spec: ModelSpec, framework: str, prefix: str) -> dict[str, _
     t[f'{prefix}bn1'] = (('backbone', 'stem_norm'), 'norm')
   for i, n_blocks in enumerate(spec.blocks):
     s = i + 2
+    if s == 5 and spec.arch == 'C4':
+      break
     for b in range(n_blocks):
       block = ('backbone', f'res{s}_{b}')
       if framework == 'detectron2':
@@ -297,20 +305,35 @@ def _mmdet_modules(spec: ModelSpec) -> tuple[dict[str, _Entry], dict[str, str]]:
 
 
 def _d2_modules(spec: ModelSpec) -> tuple[dict[str, _Entry], dict[str, str]]:
-  """detectron2 names, parity_spec 2.6."""
-  t = _resnet_modules(spec, 'detectron2', 'backbone.bottom_up.')
-  for level in range(2, 6):
-    t[f'backbone.fpn_lateral{level}'] = (('fpn', f'lateral{level}'), 'conv')
-    t[f'backbone.fpn_output{level}'] = (('fpn', f'output{level}'), 'conv')
+  """detectron2 names, parity_spec 2.6. C4 / DC5 (`build_resnet_backbone`): the ResNet is the
+  backbone itself (`backbone.res2...`, no `bottom_up.`), C4 adds `roi_heads.res5.{0,1,2}`
+  (Res5ROIHeads) and has neither `box_head` nor mask convs."""
+  if spec.arch == 'FPN':
+    t = _resnet_modules(spec, 'detectron2', 'backbone.bottom_up.')
+    for level in range(2, 6):
+      t[f'backbone.fpn_lateral{level}'] = (('fpn', f'lateral{level}'), 'conv')
+      t[f'backbone.fpn_output{level}'] = (('fpn', f'output{level}'), 'conv')
+  else:
+    t = _resnet_modules(spec, 'detectron2', 'backbone.')
   t['proposal_generator.rpn_head.conv'] = (('rpn_head', 'conv0'), 'conv')
   t['proposal_generator.rpn_head.objectness_logits'] = (('rpn_head', 'objectness'), 'conv')
   t['proposal_generator.rpn_head.anchor_deltas'] = (('rpn_head', 'deltas'), 'conv')
-  t['roi_heads.box_head.fc1'] = (('box_head', 'fc1'), 'roi_fc')
-  t['roi_heads.box_head.fc2'] = (('box_head', 'fc2'), 'linear')
+  if spec.arch == 'C4':
+    for b in range(spec.blocks[3]):
+      src, block = f'roi_heads.res5.{b}', ('roi_res5', f'res5_{b}')
+      for k in (1, 2, 3):
+        t[f'{src}.conv{k}'] = (block + (f'conv{k}',), 'conv')
+        t[f'{src}.conv{k}.norm'] = (block + (f'norm{k}',), 'norm')
+      if b == 0:
+        t[f'{src}.shortcut'] = (block + ('shortcut',), 'conv')
+        t[f'{src}.shortcut.norm'] = (block + ('shortcut_norm',), 'norm')
+  else:
+    t['roi_heads.box_head.fc1'] = (('box_head', 'fc1'), 'roi_fc')
+    t['roi_heads.box_head.fc2'] = (('box_head', 'fc2'), 'linear')
+    for i in range(1, 5):
+      t[f'roi_heads.mask_head.mask_fcn{i}'] = (('mask_head', f'conv{i}'), 'conv')
   t['roi_heads.box_predictor.cls_score'] = (('box_predictor', 'cls_score'), 'linear')
   t['roi_heads.box_predictor.bbox_pred'] = (('box_predictor', 'bbox_pred'), 'linear')
-  for i in range(1, 5):
-    t[f'roi_heads.mask_head.mask_fcn{i}'] = (('mask_head', f'conv{i}'), 'conv')
   t['roi_heads.mask_head.deconv'] = (('mask_head', 'deconv'), 'deconv')
   t['roi_heads.mask_head.predictor'] = (('mask_head', 'predictor'), 'conv')
   return t, {}
@@ -361,6 +384,8 @@ def _tv_modules(spec: ModelSpec) -> tuple[dict[str, _Entry], dict[str, str]]:
 
 
 def _module_table(framework: str, spec: ModelSpec) -> tuple[dict[str, _Entry], dict[str, str]]:
+  if spec.arch != 'FPN' and framework != 'detectron2':
+    raise ValueError(f"arch {spec.arch!r} exists for detectron2 checkpoints only, not {framework}")
   builders = {'mmdet': _mmdet_modules, 'detectron2': _d2_modules, 'torchvision': _tv_modules}
   return builders[framework](spec)
 
@@ -396,50 +421,65 @@ def expected_shapes(spec: ModelSpec, framework: str) -> dict[tuple[str, ...], tu
 
   conv(('backbone', 'stem_conv'), 7, 7, 3, 64, bias=False)
   norm(('backbone', 'stem_norm'), 64)
+
+  def bottleneck(block, cin, w, cout, first):
+    conv(block + ('conv1',), 1, 1, cin, w, bias=False)
+    norm(block + ('norm1',), w)
+    conv(block + ('conv2',), 3, 3, w // groups, w, bias=False)
+    norm(block + ('norm2',), w)
+    conv(block + ('conv3',), 1, 1, w, cout, bias=False)
+    norm(block + ('norm3',), cout)
+    if first:
+      conv(block + ('shortcut',), 1, 1, cin, cout, bias=False)
+      norm(block + ('shortcut_norm',), cout)
+
   cin = 64
   for i, n_blocks in enumerate(spec.blocks):
     w, cout = spec.stage_widths[i], spec.stage_out_channels[i]
+    owner = 'roi_res5' if (i == 3 and spec.arch == 'C4') else 'backbone'
     for b in range(n_blocks):
-      block = ('backbone', f'res{i + 2}_{b}')
-      conv(block + ('conv1',), 1, 1, cin, w, bias=False)
-      norm(block + ('norm1',), w)
-      conv(block + ('conv2',), 3, 3, w // groups, w, bias=False)
-      norm(block + ('norm2',), w)
-      conv(block + ('conv3',), 1, 1, w, cout, bias=False)
-      norm(block + ('norm3',), cout)
-      if b == 0:
-        conv(block + ('shortcut',), 1, 1, cin, cout, bias=False)
-        norm(block + ('shortcut_norm',), cout)
+      bottleneck((owner, f'res{i + 2}_{b}'), cin, w, cout, b == 0)
       cin = cout
-  for level, c in zip(range(2, 6), spec.stage_out_channels):
-    conv(('fpn', f'lateral{level}'), 1, 1, c, 256, bias=not v2)
-    conv(('fpn', f'output{level}'), 3, 3, 256, 256, bias=not v2)
-    if v2:
-      norm(('fpn', f'lateral{level}_norm'), 256)
-      norm(('fpn', f'output{level}_norm'), 256)
-  num_anchors = 3
-  conv(('rpn_head', 'conv0'), 3, 3, 256, 256)
+  if spec.arch == 'FPN':
+    for level, c in zip(range(2, 6), spec.stage_out_channels):
+      conv(('fpn', f'lateral{level}'), 1, 1, c, 256, bias=not v2)
+      conv(('fpn', f'output{level}'), 3, 3, 256, 256, bias=not v2)
+      if v2:
+        norm(('fpn', f'lateral{level}_norm'), 256)
+        norm(('fpn', f'output{level}_norm'), 256)
+  # RPN input: the FPN levels (256), res4 (C4: 1024) or the dilated res5 (DC5: 2048); C4 / DC5
+  # put all 5 sizes x 3 ratios at one level.
+  feat_c = {'FPN': 256, 'C4': spec.stage_out_channels[2], 'DC5': spec.stage_out_channels[3]}[
+      spec.arch]
+  num_anchors = 3 if spec.arch == 'FPN' else 15
+  conv(('rpn_head', 'conv0'), 3, 3, feat_c, feat_c)
   if v2:
     conv(('rpn_head', 'conv1'), 3, 3, 256, 256)
-  conv(('rpn_head', 'objectness'), 1, 1, 256, num_anchors)
-  conv(('rpn_head', 'deltas'), 1, 1, 256, 4 * num_anchors)
-  roi_in = 256 * _ROI_RES * _ROI_RES
+  conv(('rpn_head', 'objectness'), 1, 1, feat_c, num_anchors)
+  conv(('rpn_head', 'deltas'), 1, 1, feat_c, 4 * num_anchors)
+  roi_in = feat_c * _ROI_RES * _ROI_RES
   if v2:
     for i in range(4):
       conv(('box_head', f'conv{i}'), 3, 3, 256, 256, bias=False)
       norm(('box_head', f'conv{i}_norm'), 256)
     dense(('box_head', 'fc1'), roi_in, 1024)
-  else:
+  elif spec.arch != 'C4':
     dense(('box_head', 'fc1'), roi_in, 1024)
     dense(('box_head', 'fc2'), 1024, 1024)
   k_cls, k_reg, k_mask = spec.class_counts(framework)
-  dense(('box_predictor', 'cls_score'), 1024, k_cls)
-  dense(('box_predictor', 'bbox_pred'), 1024, 4 * k_reg)
-  for i in range(1, 5):
-    conv(('mask_head', f'conv{i}'), 3, 3, 256, 256, bias=not v2)
-    if v2:
-      norm(('mask_head', f'conv{i}_norm'), 256)
-  out[('params', 'mask_head', 'deconv', 'kernel')] = (2, 2, 256, 256)
+  box_c = spec.stage_out_channels[3] if spec.arch == 'C4' else 1024
+  dense(('box_predictor', 'cls_score'), box_c, k_cls)
+  dense(('box_predictor', 'bbox_pred'), box_c, 4 * k_reg)
+  mask_in = feat_c
+  if spec.arch == 'C4':
+    mask_in = spec.stage_out_channels[3]  # the deconv reads res5's output directly
+  else:
+    for i in range(1, 5):
+      conv(('mask_head', f'conv{i}'), 3, 3, mask_in, 256, bias=not v2)
+      if v2:
+        norm(('mask_head', f'conv{i}_norm'), 256)
+      mask_in = 256
+  out[('params', 'mask_head', 'deconv', 'kernel')] = (2, 2, mask_in, 256)
   out[('params', 'mask_head', 'deconv', 'bias')] = (256,)
   conv(('mask_head', 'predictor'), 1, 1, 256, k_mask)
   if spec.has_maskiou:
@@ -666,7 +706,8 @@ def to_variables(state: Mapping[str, np.ndarray], *, framework: str, spec: Model
 _BLOCK_KEY_RES = {
     'mmdet': re.compile(r'^backbone\.layer(\d)\.(\d+)\.'),
     'torchvision': re.compile(r'^backbone\.body\.layer(\d)\.(\d+)\.'),
-    'detectron2': re.compile(r'^backbone\.bottom_up\.res(\d)\.(\d+)\.'),
+    # FPN: backbone.bottom_up.resN; C4 / DC5: backbone.resN (and C4's roi_heads.res5).
+    'detectron2': re.compile(r'^(?:backbone\.(?:bottom_up\.)?|roi_heads\.)res(\d)\.(\d+)\.'),
 }
 
 
@@ -764,6 +805,12 @@ def _diagnose(*, framework: str | None, spec: ModelSpec | None, unmatched: list[
   if spec.has_maskiou and head_missing('maskiou_head'):
     hints.append('the checkpoint has no MaskIoU-head keys — is it a plain Mask R-CNN checkpoint? '
                  '(set ModelSpec(has_maskiou=False))')
+  if framework == 'detectron2':
+    arch_guess = _infer_arch({k: None for k in keys}, framework)
+    if arch_guess != spec.arch and unmatched:
+      hints.append(f'unexpected key {unmatched[0]}: the checkpoint looks like a detectron2 '
+                   f'{arch_guess} model, the config is {spec.arch} (set model.arch / use the '
+                   f'mask_rcnn_*_{arch_guess}_* config)')
   if framework == 'torchvision':
     v2_markers = [k for k in unmatched if re.match(
         r'^(roi_heads\.box_head\.\d\.|rpn\.head\.conv\.1\.|'
@@ -901,6 +948,7 @@ def infer_spec(state: Mapping[str, np.ndarray], *, framework: str) -> ModelSpec:
 
   depth from the number of res4 blocks (6 -> 50, 23 -> 101, 36 -> 152); groups and
   width_per_group from res2 block 0 conv2 (w, w/g, 3, 3); has_maskiou from `mask_iou_head.` keys;
+  arch (detectron2) from `roi_heads.res5.` (C4) or `backbone.resN` without `bottom_up.` (DC5);
   torchvision_v2 from the 4conv1fc box head / second RPN conv; num_classes = cls_score rows - 1.
   """
   framework = _canonical(framework)
@@ -921,7 +969,19 @@ def infer_spec(state: Mapping[str, np.ndarray], *, framework: str) -> ModelSpec:
   v2 = framework == 'torchvision' and any(
       k.startswith(('roi_heads.box_head.5.', 'rpn.head.conv.1.')) for k in state)
   has_maskiou = any('mask_iou_head.' in k for k in state)
-  return ModelSpec(depth=depth, has_maskiou=has_maskiou, torchvision_v2=v2, **found)
+  return ModelSpec(depth=depth, has_maskiou=has_maskiou, torchvision_v2=v2,
+                   arch=_infer_arch(state, framework), **found)
+
+
+def _infer_arch(state: Mapping[str, np.ndarray], framework: str) -> str:
+  """'C4' when the RoI head holds res5, 'DC5' for a plain-ResNet backbone, else 'FPN'."""
+  if framework != 'detectron2':
+    return 'FPN'
+  if any(k.startswith('roi_heads.res5.') for k in state):
+    return 'C4'
+  if any(k.startswith('backbone.res') for k in state):
+    return 'DC5'
+  return 'FPN'
 
 
 def _infer_widths_and_classes(state: Mapping[str, np.ndarray],
@@ -930,6 +990,8 @@ def _infer_widths_and_classes(state: Mapping[str, np.ndarray],
   conv2 = {'mmdet': 'backbone.layer1.0.conv2.weight',
            'torchvision': 'backbone.body.layer1.0.conv2.weight',
            'detectron2': 'backbone.bottom_up.res2.0.conv2.weight'}[framework]
+  if framework == 'detectron2' and conv2 not in state:
+    conv2 = 'backbone.res2.0.conv2.weight'  # C4 / DC5
   groups, width_per_group = 1, 64
   if conv2 in state and len(np.shape(state[conv2])) == 4:
     w, w_in = np.shape(state[conv2])[:2]

@@ -1,5 +1,15 @@
 """Mask R-CNN (He et al. 2017) and Mask Scoring R-CNN (Huang et al. 2019): the wiring.
 
+Three architectures (`ModelConfig.arch`, detectron2's names):
+  FPN: ResNet + FPN P2..P6, RPN on every level, 2-FC box head / 4-conv mask head on RoIAlign of
+    P2..P5 (7x7 / 14x14), 28x28 masks.
+  C4: ResNet up to res4 (stride 16); RPN on res4 with all anchor sizes at one level; RoIAlign 14x14
+    of res4, then res5 (stride 2) as the RoI head shared by boxes (mean over 7x7 -> predictor)
+    and masks (deconv -> 14x14 masks): detectron2 `Res5ROIHeads` + `MaskRCNNConvUpsampleHead`
+    with NUM_CONV 0 (ResNet paper, appendix A).
+  DC5: ResNet with res5 dilated (dilation 2, stride 1: stride 16); RPN, 2-FC box head (7x7) and
+    4-conv mask head (14x14 -> 28x28) on res5 (detectron2 Base-RCNN-DilatedC5.yaml).
+
 `MaskRCNN.from_config(config)` builds the module; `__call__` runs inference on a batch of
 normalized, padded images and returns fixed-size detections (padded to `detections_per_image`
 with a `valid` mask). Mask pasting and RLE encoding happen on the host (ops/paste.py).
@@ -18,17 +28,19 @@ import numpy as np
 from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax.modeling import heads, rpn as rpn_lib
 from maskrcnn_jax.modeling.fpn import FPN
-from maskrcnn_jax.modeling.resnet import ResNet
+from maskrcnn_jax.modeling.resnet import Res5Head, ResNet
 from maskrcnn_jax.ops import anchors as anchors_lib, poolers, postprocess
 from maskrcnn_jax.ops import targets as targets_lib
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
+ARCHS = ("FPN", "C4", "DC5")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The static hyper-parameters of the model (hashable; read from config.model)."""
   convention: str = "detectron2"
+  arch: str = "FPN"  # 'FPN' | 'C4' | 'DC5' (module docstring)
   depth: int = 50
   groups: int = 1
   width_per_group: int = 64
@@ -84,6 +96,10 @@ class ModelConfig:
         raise ValueError(f"unknown config key model.{key}; valid keys: {sorted(fields)}")
       values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
     conventions_lib.get(values["convention"])  # validates the name
+    if values.get("arch", "FPN") not in ARCHS:
+      raise ValueError(f"model.arch must be one of {ARCHS}, got {values['arch']!r}")
+    if values.get("arch", "FPN") != "FPN" and values.get("mask_scoring", False):
+      raise ValueError("model.mask_scoring (the MaskIoU head) is implemented for arch 'FPN' only")
     kernels = config.get("kernels", None)
     if kernels is not None and kernels.get("roi_align", None):
       values["roi_align_impl"] = str(kernels.roi_align)
@@ -100,6 +116,39 @@ class ModelConfig:
     return bool(self.nms_coordinate_trick)
 
   @property
+  def feature_names(self) -> Tuple[str, ...]:
+    """The feature maps the RPN runs on (and the RoI heads pool from, P6 excepted)."""
+    return {"FPN": LEVELS, "C4": ("c4",), "DC5": ("c5",)}[self.arch]
+
+  @property
+  def feature_strides(self) -> Tuple[int, ...]:
+    """Stride of each of `feature_names` (FPN: `anchor_strides`; C4 / DC5: 16)."""
+    return tuple(self.anchor_strides) if self.arch == "FPN" else (16,)
+
+  @property
+  def feature_channels(self) -> int:
+    """Channels of the RPN input: fpn_channels, or res4 / res5 (dilated) output channels."""
+    return {"FPN": self.fpn_channels, "C4": self.res2_out_channels * 4,
+            "DC5": self.res2_out_channels * 8}[self.arch]
+
+  @property
+  def num_anchors(self) -> int:
+    """Anchors per location: the ratios (FPN, one size per level) or sizes x ratios (C4 / DC5)."""
+    if self.arch == "FPN":
+      return len(self.anchor_ratios)
+    return len(self.anchor_ratios) * len(self.anchor_sizes)
+
+  @property
+  def box_pool_size(self) -> int:
+    """RoIAlign output of the box branch: 7, or 14 for C4 (res5 halves it)."""
+    return 14 if self.arch == "C4" else 7
+
+  @property
+  def mask_size(self) -> int:
+    """Side of the predicted masks and mask targets: 28, or 14 for C4 (7x7 res5 output, deconv)."""
+    return 14 if self.arch == "C4" else 28
+
+  @property
   def num_cls_outputs(self) -> int:
     """81 (background last) for mmdet/d2; 91 (background first, COCO ids) for torchvision."""
     return self.num_classes + 1
@@ -110,9 +159,18 @@ class ModelConfig:
 
 
 def image_anchors(cfg: ModelConfig, padded_hw: tuple[int, int]) -> list[np.ndarray]:
-  """Anchors of every FPN level for a padded input size; numpy constants, [H_l*W_l*A, 4] each."""
-  feature_sizes = []
+  """Anchors of every RPN level for a padded input size; numpy constants, [H_l*W_l*A, 4] each."""
   h, w = padded_hw
+  if cfg.arch != "FPN":
+    # One level at stride 16 with every size (detectron2 DefaultAnchorGenerator with
+    # SIZES [[32, 64, 128, 256, 512]]): A = sizes x ratios, size-major in detectron2's
+    # `generate_cell_anchors` loop (for size: for ratio).
+    stride = cfg.feature_strides[0]
+    cell = anchors_lib.cell_anchors(
+        tuple(cfg.anchor_sizes), tuple(cfg.anchor_ratios), round_to_int=cfg.conv.anchor_round,
+        size_major=cfg.conv.name == "detectron2")
+    return [anchors_lib.grid_anchors(cell, (h // stride, w // stride), (stride, stride))]
+  feature_sizes = []
   for stride in cfg.anchor_strides[:4]:
     feature_sizes.append((h // stride, w // stride))
   # P6 = P5[::2, ::2]: ceil(H5 / 2).
@@ -177,15 +235,25 @@ class MaskRCNN(nn.Module):
     self.backbone = ResNet(
         depth=cfg.depth, groups=cfg.groups, width_per_group=cfg.width_per_group,
         stride_in_1x1=cfg.stride_in_1x1, norm=cfg.norm, norm_eps=cfg.norm_eps,
-        freeze_at=cfg.freeze_at, stem_out_channels=cfg.stem_out_channels,
-        res2_out_channels=cfg.res2_out_channels, train=self.train, precision=self.precision)
-    self.fpn = FPN(cfg.fpn_channels, norm=cfg.fpn_norm or None, train=self.train,
-                   precision=self.precision)
-    self.rpn_head = heads.RPNHead(len(cfg.anchor_ratios), cfg.rpn_num_convs, cfg.fpn_channels,
+        freeze_at=cfg.freeze_at, res5_dilation=2 if cfg.arch == "DC5" else 1,
+        stem_out_channels=cfg.stem_out_channels, res2_out_channels=cfg.res2_out_channels,
+        last_stage=4 if cfg.arch == "C4" else 5, train=self.train, precision=self.precision)
+    if cfg.arch == "FPN":
+      self.fpn = FPN(cfg.fpn_channels, norm=cfg.fpn_norm or None, train=self.train,
+                     precision=self.precision)
+    self.rpn_head = heads.RPNHead(cfg.num_anchors, cfg.rpn_num_convs, cfg.feature_channels,
                                   precision=self.precision)
-    self.box_head = heads.BoxHead(
-        num_conv=cfg.box_head_num_conv, conv_dim=cfg.box_head_conv_dim, num_fc=cfg.box_head_num_fc,
-        fc_dim=cfg.box_head_fc_dim, norm=cfg.box_head_norm or None, train=self.train, precision=self.precision)
+    if cfg.arch == "C4":
+      # detectron2 Res5ROIHeads: res5 (the backbone's norm) shared by the box and mask branches.
+      self.roi_res5 = Res5Head(
+          groups=cfg.groups, width_per_group=cfg.width_per_group,
+          stride_in_1x1=cfg.stride_in_1x1, norm=cfg.norm, norm_eps=cfg.norm_eps,
+          res2_out_channels=cfg.res2_out_channels, train=self.train, precision=self.precision)
+    else:
+      self.box_head = heads.BoxHead(
+          num_conv=cfg.box_head_num_conv, conv_dim=cfg.box_head_conv_dim,
+          num_fc=cfg.box_head_num_fc, fc_dim=cfg.box_head_fc_dim,
+          norm=cfg.box_head_norm or None, train=self.train, precision=self.precision)
     self.box_predictor = heads.BoxPredictor(cfg.num_cls_outputs, cfg.num_reg_classes,
                                             precision=self.precision)
     self.mask_head = heads.MaskHead(cfg.num_reg_classes, num_conv=cfg.mask_head_num_conv,
@@ -198,24 +266,36 @@ class MaskRCNN(nn.Module):
   # ---- stages, usable one by one (parity tests compare each) ----
 
   def features(self, images: jax.Array) -> Dict[str, jax.Array]:
-    """images [N, Hp, Wp, 3] float32 normalized and padded -> dict p2..p6 [N, Hp/s, Wp/s, 256]."""
-    return self.fpn(self.backbone(images))
+    """images [N, Hp, Wp, 3] float32 normalized and padded -> the RPN / RoI feature maps.
+
+    FPN: dict p2..p6 [N, Hp/s, Wp/s, fpn_channels], s = 4..64. C4: {'c4': [N, Hp/16, Wp/16,
+    1024]}; DC5: {'c5': [N, Hp/16, Wp/16, 2048]} (channels for the default widths).
+    """
+    c = self.backbone(images)
+    if self.cfg.arch == "FPN":
+      return self.fpn(c)
+    name = self.cfg.feature_names[0]
+    return {name: c[name]}
 
   def rpn_outputs(self, feats: Dict[str, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
     """Per level: logits [N, H*W*A] and deltas [N, H*W*A, 4] in anchor order."""
     logits, deltas = [], []
-    for name in LEVELS:
+    for name in self.cfg.feature_names:
       lg, dl = self.rpn_head(feats[name])
       n = lg.shape[0]
       logits.append(lg.reshape(n, -1))
       deltas.append(dl.reshape(n, -1, 4))
     return logits, deltas
 
+  def _padded_hw(self, feats) -> tuple[int, int]:
+    first = feats[self.cfg.feature_names[0]]
+    stride = self.cfg.feature_strides[0]
+    return (first.shape[1] * stride, first.shape[2] * stride)
+
   def proposals(self, feats, image_hw: jax.Array):
     """Test-time proposals: [N, P, 4] boxes (resized-image pixels), [N, P] scores, [N, P] valid."""
     cfg = self.cfg
-    padded_hw = (feats["p2"].shape[1] * 4, feats["p2"].shape[2] * 4)
-    anchors = image_anchors(cfg, padded_hw)
+    anchors = image_anchors(cfg, self._padded_hw(feats))
     logits, deltas = self.rpn_outputs(feats)
     fn = lambda lg, dl, hw: rpn_lib.select_proposals(
         lg, dl, anchors, hw, convention=cfg.conv, pre_nms_topk=cfg.rpn_pre_nms_topk_test,
@@ -224,37 +304,66 @@ class MaskRCNN(nn.Module):
     return jax.vmap(fn)(logits, deltas, image_hw)
 
   def pool(self, feats, boxes: jax.Array, valid: jax.Array, output_size: int) -> jax.Array:
-    """RoIAlign of [N, R, 4] boxes on P2..P5 -> [N * R, s, s, 256] (image-major)."""
+    """RoIAlign of [N, R, 4] boxes -> [N * R, s, s, C] (image-major).
+
+    FPN: on P2..P5 with the convention's level rule; C4 / DC5: on the single stride-16 map
+    (detectron2's ROIPooler with one level).
+    """
     cfg, conv = self.cfg, self.cfg.conv
     n, r = boxes.shape[:2]
     batch_idx = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
+    if cfg.arch == "FPN":
+      maps, strides = [feats[k] for k in LEVELS[:4]], tuple(cfg.anchor_strides[:4])
+    else:
+      maps, strides = [feats[cfg.feature_names[0]]], cfg.feature_strides
     return poolers.multilevel_roi_align(
-        [feats[k] for k in LEVELS[:4]], boxes.reshape(n * r, 4), batch_idx,
-        level_rule=conv.level_map, output_size=output_size,
-        sampling_ratio=conv.roi_align_sampling_ratio, aligned=conv.roi_align_aligned,
-        strides=tuple(cfg.anchor_strides[:4]), max_grid=cfg.roi_align_max_grid,
+        maps, boxes.reshape(n * r, 4), batch_idx, level_rule=conv.level_map,
+        output_size=output_size, sampling_ratio=conv.roi_align_sampling_ratio,
+        aligned=conv.roi_align_aligned, strides=strides, max_grid=cfg.roi_align_max_grid,
         valid=valid.reshape(-1), impl=cfg.roi_align_impl)
 
-  def box_branch(self, feats, boxes: jax.Array, valid: jax.Array):
-    """Class logits [N, R, K_cls] and deltas [N, R, K_reg, 4] for [N, R, 4] boxes."""
+  def res5_features(self, feats, boxes: jax.Array, valid: jax.Array) -> jax.Array:
+    """C4 only: res5 on the 14x14 RoIAlign of res4 -> [N * R, 7, 7, 2048] (`_shared_roi_transform`
+    of detectron2's Res5ROIHeads)."""
+    return self.roi_res5(self.pool(feats, boxes, valid, self.cfg.box_pool_size))
+
+  def box_branch(self, feats, boxes: jax.Array, valid: jax.Array, res5: Optional[jax.Array] = None):
+    """Class logits [N, R, K_cls] and deltas [N, R, K_reg, 4] for [N, R, 4] boxes.
+
+    C4: the box predictor reads the mean over the 7x7 res5 output (`res5`: precomputed
+    `res5_features`, else computed here).
+    """
     n, r = boxes.shape[:2]
-    x = self.box_head(self.pool(feats, boxes, valid, 7))
+    if self.cfg.arch == "C4":
+      if res5 is None:
+        res5 = self.res5_features(feats, boxes, valid)
+      x = jnp.mean(res5, axis=(1, 2))
+    else:
+      x = self.box_head(self.pool(feats, boxes, valid, self.cfg.box_pool_size))
     logits, deltas = self.box_predictor(x)
     return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
 
-  def mask_branch(self, feats, boxes: jax.Array, labels: jax.Array, valid: jax.Array):
-    """Mask logits [N, D, 28, 28] of each box's class (+ MaskIoU [N, D] for Mask Scoring)."""
+  def mask_branch(self, feats, boxes: jax.Array, labels: jax.Array, valid: jax.Array,
+                  res5: Optional[jax.Array] = None):
+    """Mask logits [N, D, M, M] of each box's class (+ MaskIoU [N, D] for Mask Scoring).
+
+    M = `cfg.mask_size` (28; 14 for C4, whose mask head reads the res5 output `res5`
+    [N * D, 7, 7, C] when given, as detectron2 reuses the box features of the foreground RoIs).
+    """
     cfg = self.cfg
     n, d = boxes.shape[:2]
-    roi_feats = self.pool(feats, boxes, valid, 14)
-    all_logits = self.mask_head(roi_feats)  # [N*D, 28, 28, K_mask]
+    if cfg.arch == "C4":
+      roi_feats = res5 if res5 is not None else self.res5_features(feats, boxes, valid)
+    else:
+      roi_feats = self.pool(feats, boxes, valid, 14)
+    all_logits = self.mask_head(roi_feats)  # [N*D, M, M, K_mask]
     channel = labels.reshape(-1)  # bg_last: label c -> channel c; tv: category index -> channel
     logits = jnp.take_along_axis(all_logits, channel[:, None, None, None], axis=-1)[..., 0]
     mask_iou = None
     if cfg.mask_scoring:
       iou = self.maskiou_head(roi_feats, logits)  # [N*D, 80]
       mask_iou = jnp.take_along_axis(iou, channel[:, None], axis=-1)[:, 0].reshape(n, d)
-    return logits.reshape(n, d, 28, 28), mask_iou
+    return logits.reshape(n, d, cfg.mask_size, cfg.mask_size), mask_iou
 
   def __call__(self, images: jax.Array, image_hw: jax.Array, orig_hw: jax.Array,
                scale_factor: jax.Array) -> Dict[str, jax.Array]:
@@ -267,8 +376,8 @@ class MaskRCNN(nn.Module):
       scale_factor: [N, 2] float32 (new_w / w, new_h / h).
     Returns dict of [N, D, ...] arrays, D = detections_per_image: boxes [N, D, 4] float32 xyxy in
       original-image pixels, scores [N, D], labels [N, D] int32 (class index of the layout),
-      valid [N, D] bool, paste_boxes [N, D, 4], mask_probs [N, D, 28, 28] float32 (sigmoid of the
-      label's channel) and, for Mask Scoring R-CNN, mask_scores [N, D] (MaskIoU x score).
+      valid [N, D] bool, paste_boxes [N, D, 4], mask_probs [N, D, M, M] float32 (M = 28, or 14
+      for C4; sigmoid of the label's channel) and, for Mask Scoring R-CNN, mask_scores [N, D] (MaskIoU x score).
     """
     cfg = self.cfg
     feats = self.features(images)
@@ -334,7 +443,7 @@ class MaskRCNN(nn.Module):
 
     feats = self.features(images)
     logits, deltas = self.rpn_outputs(feats)
-    anchors = image_anchors(cfg, (hp, wp))
+    anchors = image_anchors(cfg, self._padded_hw(feats))
 
     # RPN.
     all_anchors = jnp.asarray(np.concatenate(anchors, axis=0))
@@ -362,7 +471,10 @@ class MaskRCNN(nn.Module):
                 props, props_valid, gt_boxes, gt_classes, gt_valid,
                 jax.random.split(rng_roi, n))
     roi_t = jax.lax.stop_gradient(roi_t)
-    cls_logits, box_deltas = self.box_branch(feats, roi_t["rois"], roi_t["valid"])
+    # C4: res5 runs once on the sampled RoIs; the mask branch reuses the rows of the positives.
+    res5 = (self.res5_features(feats, roi_t["rois"], roi_t["valid"]) if cfg.arch == "C4"
+            else None)
+    cls_logits, box_deltas = self.box_branch(feats, roi_t["rois"], roi_t["valid"], res5)
     terms.update(losses_lib.rcnn_losses(
         cls_logits, box_deltas, roi_t["classes"], roi_t["valid"], roi_t["pos"],
         roi_t["box_targets"], roi_t["classes"], convention=conv))
@@ -372,13 +484,17 @@ class MaskRCNN(nn.Module):
     m_rois, m_pos = roi_t["rois"][:, :p], roi_t["pos"][:, :p]
     m_gt = roi_t["matched_gt"][:, :p]
     m_channel = jnp.where(m_pos, roi_t["classes"][:, :p], 0)
-    mask_logits, mask_iou = self.mask_branch(feats, m_rois, m_channel, m_pos)
+    m_res5 = None
+    if res5 is not None:
+      r = roi_t["rois"].shape[1]
+      m_res5 = res5.reshape((n, r) + res5.shape[1:])[:, :p].reshape((n * p,) + res5.shape[1:])
+    mask_logits, mask_iou = self.mask_branch(feats, m_rois, m_channel, m_pos, m_res5)
     m_gt_boxes = jnp.take_along_axis(gt_boxes, m_gt[..., None], axis=1)
     crops = jax.vmap(lambda c, i: c[i])(jnp.asarray(batch["gt_masks"]), m_gt)
     canvas = mask_canvas_hw(cfg, image_hw)
     settings = targets_lib.mask_target_settings(conv)
     m_targets = jax.vmap(lambda r, g, c, hw: targets_lib.mask_targets(
-        r, g, c, hw, max_grid=cfg.roi_align_max_grid, **settings))(
+        r, g, c, hw, max_grid=cfg.roi_align_max_grid, output_size=cfg.mask_size, **settings))(
             m_rois, m_gt_boxes, crops, canvas)
     terms["loss_mask"] = losses_lib.mask_loss(mask_logits, m_targets, m_pos)
     if cfg.mask_scoring:

@@ -63,6 +63,22 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
+def bottleneck_stage(x: jax.Array, *, stage: int, num_blocks: int, width: int, out_channels: int,
+                     stride: int, dilation: int, groups: int, stride_in_1x1: bool, norm: str,
+                     norm_eps: float, train: bool, precision: Any) -> jax.Array:
+  """The blocks `res{stage}_0 .. res{stage}_{num_blocks - 1}` of one stage, created as children of
+  the calling compact module (the first block carries the stride and the projection shortcut).
+
+  detectron2 `ResNet.make_stage(BottleneckBlock, num_blocks, stride_per_block=[stride, 1, ...])`.
+  """
+  for b in range(num_blocks):
+    x = Bottleneck(
+        width=width, out_channels=out_channels, stride=stride if b == 0 else 1, groups=groups,
+        stride_in_1x1=stride_in_1x1, dilation=dilation, has_shortcut=b == 0, norm=norm,
+        norm_eps=norm_eps, train=train, precision=precision, name=f"res{stage}_{b}")(x)
+  return x
+
+
 class ResNet(nn.Module):
   """ResNet-50/101 and ResNeXt backbones returning C2..C5.
 
@@ -101,7 +117,8 @@ class ResNet(nn.Module):
     if self.depth not in BLOCKS_PER_STAGE:
       raise ValueError(f"unsupported ResNet depth {self.depth}; expected one of "
                        f"{sorted(BLOCKS_PER_STAGE)}")
-    x = Conv(self.stem_out_channels, 7, 2, use_bias=False, precision=self.precision, name="stem_conv")(x)
+    x = Conv(self.stem_out_channels, 7, 2, use_bias=False, precision=self.precision,
+             name="stem_conv")(x)
     x = nn.relu(Norm(self.norm, self.norm_eps, self.train, name="stem_norm")(x))
     # 3x3 stride-2 max-pool with padding 1, padded with -inf (torch MaxPool2d semantics).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -114,14 +131,40 @@ class ResNet(nn.Module):
       if stage > self.last_stage:
         break
       dilation = self.res5_dilation if stage == 5 else 1
-      stride = 1 if stage == 2 or dilation > 1 else 2
-      for b in range(n_blocks):
-        x = Bottleneck(
-            width=width, out_channels=self.res2_out_channels * 2**i, stride=stride if b == 0 else 1,
-            groups=self.groups, stride_in_1x1=self.stride_in_1x1, dilation=dilation,
-            has_shortcut=b == 0, norm=self.norm, norm_eps=self.norm_eps, train=self.train,
-            precision=self.precision, name=f"res{stage}_{b}")(x)
+      x = bottleneck_stage(
+          x, stage=stage, num_blocks=n_blocks, width=width,
+          out_channels=self.res2_out_channels * 2**i,
+          stride=1 if stage == 2 or dilation > 1 else 2, dilation=dilation, groups=self.groups,
+          stride_in_1x1=self.stride_in_1x1, norm=self.norm, norm_eps=self.norm_eps,
+          train=self.train, precision=self.precision)
       if self.freeze_at >= stage:
         x = jax.lax.stop_gradient(x)
       outputs[f"c{stage}"] = x
     return outputs
+
+
+class Res5Head(nn.Module):
+  """res5 as the shared RoI head of the C4 models (detectron2 `Res5ROIHeads._build_res5_block`;
+  He et al. 2016, appendix A): 3 bottleneck blocks, the first with stride 2 (in the 1x1 or the 3x3
+  conv per style), width groups * width_per_group * 8, output res2_out_channels * 8.
+
+  Input: RoI features pooled from res4, [R, 14, 14, res2_out_channels * 4] -> [R, 7, 7,
+  res2_out_channels * 8]. Variables `res5_0 .. res5_2` as in the backbone (detectron2
+  `roi_heads.res5.{0,1,2}`).
+  """
+  groups: int = 1
+  width_per_group: int = 64
+  stride_in_1x1: bool = False
+  norm: str = "frozen_bn"
+  norm_eps: float = 1e-5
+  res2_out_channels: int = 256
+  train: bool = False
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return bottleneck_stage(
+        x, stage=5, num_blocks=3, width=stage_widths(self.groups, self.width_per_group)[3],
+        out_channels=self.res2_out_channels * 8, stride=2, dilation=1, groups=self.groups,
+        stride_in_1x1=self.stride_in_1x1, norm=self.norm, norm_eps=self.norm_eps,
+        train=self.train, precision=self.precision)

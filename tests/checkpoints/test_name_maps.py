@@ -559,7 +559,7 @@ def test_every_problem_is_listed_with_shapes():
   })
   del state['rpn_head.rpn_reg.bias']
   msg = _mismatch(state, 'mmdet', nm.ModelSpec(num_classes=80), source='ckpt.pth')
-  assert msg.startswith('ckpt.pth: the mmdet checkpoint does not match the model (ResNet-50):')
+  assert msg.startswith('ckpt.pth: the mmdet checkpoint does not match the model (ResNet-50-FPN):')
   assert '1 unmatched checkpoint key(s):\n    roi_head.bbox_head.extra_fc.weight' in msg
   assert ('1 model path(s) missing from the checkpoint:\n'
           '    params/rpn_head/deltas/bias (12,)') in msg

@@ -1,0 +1,27 @@
+"""detectron2 `COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x`: Mask R-CNN, COCO.
+
+Upstream: detectron2 configs/COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml.
+MODEL_ZOO.md row "R50-C4 1x" (COCO Instance Segmentation Baselines with Mask R-CNN).
+Base-RCNN-C4.yaml: ResNet up to res4 (stride 16), RPN on res4 with 15 anchors per location
+(sizes 32..512 x ratios 0.5, 1, 2), Res5ROIHeads: RoIAlignV2 14x14 on res4 -> res5 (stride 2)
+-> mean -> box predictor; mask head = deconv + predictor on the same res5 features (14x14
+masks). RPN top-k 6000 / 1000 at test time, 12000 / 2000 in training.
+ResNet-50, caffe style (stride in the 1x1 conv), FrozenBN; BGR input, mean (103.53, 116.28,
+123.675), std 1. ImageNet init: ImageNetPretrained/MSRA/R-50.pkl.
+Schedule 1x: 90k iterations at batch 16 (~12 epochs).
+The base yaml trains with MIN_SIZE_TRAIN (640, 672, 704, 736, 768, 800) sampled per image
+('choice'); test 800/1333.
+"""
+from maskrcnn_jax import config_lib
+
+
+def get_config():
+  config = config_lib.mask_rcnn(
+      convention="detectron2", depth=50, style="caffe", pixel=config_lib.CAFFE_BGR,
+      schedule="1x", multiscale=True, arch="C4",
+      upstream="COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x")
+  config.data.train_short = (640, 672, 704, 736, 768, 800)  # INPUT.MIN_SIZE_TRAIN
+  config.published = config_lib.published(
+      box_ap=36.8, mask_ap=32.2,
+      url="https://dl.fbaipublicfiles.com/detectron2/COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x/137259246/model_final_9243eb.pkl")  # noqa: E501
+  return config
