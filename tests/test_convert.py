@@ -24,6 +24,12 @@ KEYS = ROOT / "tests" / "fixtures" / "checkpoint_keys"
 CASES = [
     ("detectron2_mask_rcnn_R_50_FPN_3x", "detectron2/mask_rcnn_R_50_FPN_3x"),
     ("detectron2_mask_rcnn_X_101_32x8d_FPN_3x", "detectron2/mask_rcnn_X_101_32x8d_FPN_3x"),
+    ("detectron2_mask_rcnn_R_50_C4_1x", "detectron2/mask_rcnn_R_50_C4_1x"),
+    ("detectron2_mask_rcnn_R_50_C4_3x", "detectron2/mask_rcnn_R_50_C4_3x"),
+    ("detectron2_mask_rcnn_R_50_DC5_1x", "detectron2/mask_rcnn_R_50_DC5_1x"),
+    ("detectron2_mask_rcnn_R_50_DC5_3x", "detectron2/mask_rcnn_R_50_DC5_3x"),
+    ("detectron2_mask_rcnn_R_101_C4_3x", "detectron2/mask_rcnn_R_101_C4_3x"),
+    ("detectron2_mask_rcnn_R_101_DC5_3x", "detectron2/mask_rcnn_R_101_DC5_3x"),
     ("mmdet_mask_rcnn_r50_caffe_fpn_1x_coco", "mmdet/mask_rcnn_r50_caffe_fpn_1x_coco"),
     ("mmdet_mask_rcnn_r50_fpn_1x_coco", "mmdet/mask_rcnn_r50_fpn_1x_coco"),
     ("mmdet_mask_rcnn_x101_32x4d_fpn_1x_coco", "mmdet/mask_rcnn_x101_32x4d_fpn_1x_coco"),
@@ -65,6 +71,19 @@ def test_wrong_recipe_is_refused_with_names():
   msg = str(err.value)
   assert "checkpoint" in msg and "model" in msg
   assert "res2_0" in msg  # names a parameter whose shape disagrees
+
+
+@pytest.mark.parametrize("tsv,recipe,arch", [
+    ("detectron2_mask_rcnn_R_50_C4_1x", "detectron2/mask_rcnn_R_50_DC5_1x", "C4"),
+    ("detectron2_mask_rcnn_R_50_DC5_1x", "detectron2/mask_rcnn_R_50_FPN_1x", "DC5"),
+    ("detectron2_mask_rcnn_R_50_FPN_3x", "detectron2/mask_rcnn_R_50_C4_1x", "FPN"),
+])
+def test_other_detectron2_architecture_is_named(tsv, recipe, arch):
+  """A C4 / DC5 / FPN file under another architecture's recipe: refused, the file's arch named."""
+  with pytest.raises(name_maps.CheckpointMismatchError) as err:
+    convert.convert_state_dict(load(recipe), zero_state(tsv), "model_final.pkl")
+  assert f"looks like a detectron2 {arch} model" in str(err.value)
+  assert name_maps.infer_spec(zero_state(tsv), framework="detectron2").arch == arch
 
 
 def test_faster_rcnn_file_is_refused():
