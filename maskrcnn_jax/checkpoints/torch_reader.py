@@ -671,7 +671,7 @@ def load_pkl(path) -> tuple[collections.OrderedDict, dict]:
 _FRAMEWORK_MARKERS = (
     ('mmdet', ('neck.', 'roi_head.', 'rpn_head.')),
     ('detectron2', ('backbone.bottom_up.', 'proposal_generator.', 'backbone.fpn_lateral',
-                    'backbone.fpn_output')),
+                    'backbone.fpn_output', 'roi_heads.res5.')),
     ('torchvision', ('backbone.body.', 'backbone.fpn.', 'rpn.head.', 'roi_heads.mask_predictor.')),
 )
 
