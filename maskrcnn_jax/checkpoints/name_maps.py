@@ -243,6 +243,17 @@ _LEAVES: dict[str, dict[str, tuple[str, str, Callable[[np.ndarray], np.ndarray]]
 _Entry = tuple[tuple[str, ...], str]
 
 
+def _d2_bottleneck(t: dict[str, _Entry], src: str, block: tuple[str, ...], *, first: bool) -> None:
+  """detectron2 BottleneckBlock `src`.conv{1,2,3}[.norm] (+ shortcut[.norm] on a stage's first
+  block) -> `block`/conv{k}, norm{k}, shortcut, shortcut_norm."""
+  for k in (1, 2, 3):
+    t[f'{src}.conv{k}'] = (block + (f'conv{k}',), 'conv')
+    t[f'{src}.conv{k}.norm'] = (block + (f'norm{k}',), 'norm')
+  if first:
+    t[f'{src}.shortcut'] = (block + ('shortcut',), 'conv')
+    t[f'{src}.shortcut.norm'] = (block + ('shortcut_norm',), 'norm')
+
+
 def _resnet_modules(spec: ModelSpec, framework: str, prefix: str) -> dict[str, _Entry]:
   """Backbone bottom-up (parity_spec 2.2, 2.6, 2.7; cross map 2.8); C4: up to res4."""
   t: dict[str, _Entry] = {}
@@ -259,13 +270,7 @@ def _resnet_modules(spec: ModelSpec, framework: str, prefix: str) -> dict[str, _
     for b in range(n_blocks):
       block = ('backbone', f'res{s}_{b}')
       if framework == 'detectron2':
-        src = f'{prefix}res{s}.{b}'
-        for k in (1, 2, 3):
-          t[f'{src}.conv{k}'] = (block + (f'conv{k}',), 'conv')
-          t[f'{src}.conv{k}.norm'] = (block + (f'norm{k}',), 'norm')
-        if b == 0:
-          t[f'{src}.shortcut'] = (block + ('shortcut',), 'conv')
-          t[f'{src}.shortcut.norm'] = (block + ('shortcut_norm',), 'norm')
+        _d2_bottleneck(t, f'{prefix}res{s}.{b}', block, first=b == 0)
       else:
         src = f'{prefix}layer{i + 1}.{b}'
         for k in (1, 2, 3):
@@ -320,13 +325,7 @@ def _d2_modules(spec: ModelSpec) -> tuple[dict[str, _Entry], dict[str, str]]:
   t['proposal_generator.rpn_head.anchor_deltas'] = (('rpn_head', 'deltas'), 'conv')
   if spec.arch == 'C4':
     for b in range(spec.blocks[3]):
-      src, block = f'roi_heads.res5.{b}', ('roi_res5', f'res5_{b}')
-      for k in (1, 2, 3):
-        t[f'{src}.conv{k}'] = (block + (f'conv{k}',), 'conv')
-        t[f'{src}.conv{k}.norm'] = (block + (f'norm{k}',), 'norm')
-      if b == 0:
-        t[f'{src}.shortcut'] = (block + ('shortcut',), 'conv')
-        t[f'{src}.shortcut.norm'] = (block + ('shortcut_norm',), 'norm')
+      _d2_bottleneck(t, f'roi_heads.res5.{b}', ('roi_res5', f'res5_{b}'), first=b == 0)
   else:
     t['roi_heads.box_head.fc1'] = (('box_head', 'fc1'), 'roi_fc')
     t['roi_heads.box_head.fc2'] = (('box_head', 'fc2'), 'linear')
