@@ -1,6 +1,6 @@
 """Host-side inference: image file -> preprocessed batch -> jitted model -> pasted masks -> COCO results.
 
-The model returns fixed-size detections with 28x28 mask probabilities; pasting into the original
+The model returns fixed-size detections with 28x28 (C4: 14x14) mask probabilities; pasting into the original
 image (bounded memory: only inside each box) and RLE encoding happen here on the host, following
 the convention's paste algorithm and threshold (parity_spec 3.13).
 """
@@ -55,7 +55,8 @@ def paste_masks(mask_probs: np.ndarray, boxes: np.ndarray, image_hw: Sequence[in
                 convention: str) -> List[np.ndarray]:
   """Binary full-image masks, one [H, W] bool array per detection.
 
-  mask_probs: [D, 28, 28] float32; boxes: [D, 4] float32 xyxy in original-image pixels.
+  mask_probs: [D, M, M] float32 (M = 28, or 14 for C4); boxes: [D, 4] float32 xyxy in
+  original-image pixels.
   """
   conv = conventions_lib.get(convention)
   out = []

@@ -128,7 +128,7 @@ def paste_window(prob: np.ndarray, box: np.ndarray, image_hw: Sequence[int],
   threshold 0.5 (>= for both), or torchvision's legacy paste binarized with > 0.5.
 
   Args:
-    prob: [28, 28] float32 mask probabilities.
+    prob: [M, M] float32 mask probabilities (M = 28, or 14 for C4).
     box: [4] float32 xyxy paste box in original-image pixels.
     image_hw: (H, W) original image size.
     conv: the convention record.
@@ -153,7 +153,7 @@ def paste_and_encode(job: Dict[str, Any]) -> Tuple[int, List[Dict[str, Any]], fl
       orig_hw: (H, W) original image size.
       convention: name.
       boxes [D, 4] float32 xyxy (original pixels), scores [D] float32, labels [D] int,
-      paste_boxes [D, 4] float32, mask_probs [D, 28, 28] float32, optional mask_scores [D]
+      paste_boxes [D, 4] float32, mask_probs [D, M, M] float32, optional mask_scores [D]
         (Mask Scoring R-CNN), all already restricted to the valid detections in score order.
       category_ids: [L] int table label -> dataset category id.
 
