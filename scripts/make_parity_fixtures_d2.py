@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate tests/fixtures/parity_detectron2.npz from a real detectron2 run (CPU).
+"""Generate tests/fixtures/parity_detectron2*.npz from real detectron2 runs (CPU).
 
 NOT run by CI (CI has neither torch nor detectron2). Runs in the torchvision reference venv
 (``scripts/reference_env/setup_torchvision_cpu.sh``) with detectron2 built from source into it
@@ -7,26 +7,48 @@ NOT run by CI (CI has neither torch nor detectron2). Runs in the torchvision ref
 
     /work/tvenv/bin/python scripts/make_parity_fixtures_d2.py            # calibrate + record + verify
     /work/tvenv/bin/python scripts/make_parity_fixtures_d2.py --verify-only
+    /work/tvenv/bin/python scripts/make_parity_fixtures_d2.py --model R_50_C4_3x
+    /work/tvenv/bin/python scripts/make_parity_fixtures_d2.py --model R_50_DC5_3x --verify-only
+
+``--model`` picks the detectron2 model-zoo config (``MODELS`` below), its key file under
+tests/fixtures/checkpoint_keys and the default output:
+
+  R_50_FPN_3x (default)  mask_rcnn_R_50_FPN_3x.yaml  -> parity_detectron2.npz
+  R_50_C4_3x             mask_rcnn_R_50_C4_3x.yaml   -> parity_detectron2_R_50_C4.npz
+  R_50_DC5_3x            mask_rcnn_R_50_DC5_3x.yaml  -> parity_detectron2_R_50_DC5.npz
 
 The detectron2 twin of scripts/make_parity_fixtures.py (torchvision); it imports that script's
 helpers (image loading, sampling, RLE, npz writer, calibration arithmetic) and keeps its
 structure and fixture key names:
 
-  1. Builds detectron2's ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml`` with
-     ``get_cfg`` + ``build_model`` (MODEL.DEVICE cpu, no weights file), eval mode: MSRA
-     ResNet-50 (stride in the 1x1 conv, FrozenBN eps 1e-5), BGR input, PIXEL_MEAN
-     (103.53, 116.28, 123.675), PIXEL_STD 1, test resize ResizeShortestEdge 800 / 1333 (PIL).
+  1. Builds the model from the real yaml with ``get_cfg`` + ``build_model`` (MODEL.DEVICE cpu, no
+     weights file), eval mode: MSRA ResNet-50 (stride in the 1x1 conv, FrozenBN eps 1e-5), BGR
+     input, PIXEL_MEAN (103.53, 116.28, 123.675), PIXEL_STD 1, test resize ResizeShortestEdge
+     800 / 1333 (PIL). The three architectures:
+       FPN  backbone P2..P6, 3 anchors per position and level, StandardROIHeads (7x7 pooler over
+            P2..P5, 2 FC, 4-conv mask head, 28x28 mask logits).
+       C4   backbone res2..res4 ('res4', stride 16), one RPN level with 15 anchors (sizes
+            32..512 x ratios 0.5/1/2, size-major), RPN pre/post-NMS top-k 6000/1000;
+            Res5ROIHeads: 14x14 pooler on res4, roi_heads.res5 (stride 2), mean over 7x7 ->
+            box predictor; the mask head (NUM_CONV 0) is deconv 2048->256 + predictor on the
+            same res5 features: 14x14 mask logits.
+       DC5  backbone res2..res5 with res5 dilated (dilation 2, stride 1: 'res5' at stride 16),
+            one RPN level with 15 anchors, top-k 6000/1000; StandardROIHeads on res5 (7x7 pooler,
+            2 FC; 14x14 pooler, 4-conv mask head, 28x28 mask logits).
   2. Weights: >=2-D tensors from ``synthetic.seeded_state_dict`` (He std, or ``scales[name]``
-     as an absolute std for the 9 calibrated layers: FPN output convs and head output layers);
+     as an absolute std for the calibrated layers: FPN output convs and head output layers);
      every 1-D tensor is calibrated here and stored (``w/<name>``), as in the torchvision script:
-     FrozenBN statistics from activation statistics on the calibration images, then perturbed;
-     hidden biases N(0, 0.1 * output std); FPN output stds T_FPN_STD; head output spreads
-     (RPN objectness std 1 + bias in [-7, -5], RPN deltas 0.2, class logits 1.5 + per-class
-     bias 0.4, box deltas 1, mask logits 6 + per-class bias 1.5) set on the fixture images.
+     FrozenBN statistics from activation statistics on the calibration images, then perturbed
+     (C4: roi_heads.res5's FrozenBN statistics from res5 run on the calibration images' whole
+     res4 maps); hidden biases N(0, 0.1 * output std); FPN output stds T_FPN_STD; head output
+     spreads (RPN objectness std 1 + bias in [-7, -5], RPN deltas 0.2, class logits 1.5 +
+     per-class bias 0.4, box deltas 1, mask logits 6 + per-class bias 1.5) set on the fixture
+     images.
   3. Records, for three scikit-image pictures turned into what d2's decoder gives (BGR uint8),
      every stage of ``GeneralizedRCNN.inference``: d2's own test-time resize, preprocess_image,
-     backbone (P2..P6), RPN head / proposals, box head on the first 200 proposals, final
-     detections (detector_postprocess), 28x28 mask logits and the pasted binary masks.
+     backbone (P2..P6, or the single feature map), RPN head / proposals (and, for one level, how
+     many boxes entered the RPN NMS), box head on the first 200 proposals, final detections
+     (detector_postprocess), mask logits (28x28; 14x14 for C4) and the pasted binary masks.
   4. Verifies: weights regenerated from the fixture alone, in a fresh model, reproduce the
      recorded detections and masks exactly.
 
@@ -63,12 +85,33 @@ from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model as d2_build_model
 from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.modeling.proposal_generator import proposal_utils as d2_proposal_utils
+from detectron2.modeling.roi_heads import fast_rcnn as d2_fast_rcnn
+from detectron2.modeling.roi_heads.roi_heads import Res5ROIHeads
 from detectron2.structures import Instances
 
 REPO = Path(__file__).resolve().parents[1]
-KEY_TSV = REPO / "tests" / "fixtures" / "checkpoint_keys" / "detectron2_mask_rcnn_R_50_FPN_3x.tsv"
-OUT_DEFAULT = REPO / "tests" / "fixtures" / "parity_detectron2.npz"
-D2_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+FIXTURES = REPO / "tests" / "fixtures"
+# --model: the model-zoo config, its key file (tests/fixtures/checkpoint_keys), the default output,
+# and the 3 tensors whose sums guard numpy's RNG stream (C4/DC5 have no FPN, so no 'bottom_up.').
+MODELS = {
+    "R_50_FPN_3x": dict(
+        config="COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+        keys="detectron2_mask_rcnn_R_50_FPN_3x.tsv", out="parity_detectron2.npz",
+        checksum=("backbone.bottom_up.stem.conv1.weight", "backbone.bottom_up.res4.5.conv2.weight",
+                  "roi_heads.box_predictor.cls_score.weight")),
+    "R_50_C4_3x": dict(
+        config="COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml",
+        keys="detectron2_mask_rcnn_R_50_C4_3x.tsv", out="parity_detectron2_R_50_C4.npz",
+        checksum=("backbone.stem.conv1.weight", "backbone.res4.5.conv2.weight",
+                  "roi_heads.box_predictor.cls_score.weight")),
+    "R_50_DC5_3x": dict(
+        config="COCO-InstanceSegmentation/mask_rcnn_R_50_DC5_3x.yaml",
+        keys="detectron2_mask_rcnn_R_50_DC5_3x.tsv", out="parity_detectron2_R_50_DC5.npz",
+        checksum=("backbone.stem.conv1.weight", "backbone.res4.5.conv2.weight",
+                  "roi_heads.box_predictor.cls_score.weight")),
+}
+DEFAULT_MODEL = "R_50_FPN_3x"
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,15 +133,10 @@ SEED = 20240611
 #               antialiases, and d2 rounds int(x + 0.5) where tv floors: 667 vs tv's 666)
 FIXTURE_IMAGES = TV.FIXTURE_IMAGES
 CALIB_IMAGES = TV.CALIB_IMAGES
-FPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")     # d2's own names of the backbone outputs
+FPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")     # d2's own names of the FPN backbone outputs
 N_SAMPLE = TV.N_SAMPLE
 N_RPN_SAMPLE = TV.N_RPN_SAMPLE
 N_BOX_HEAD = TV.N_BOX_HEAD
-CHECKSUM_KEYS = (
-    "backbone.bottom_up.stem.conv1.weight",
-    "backbone.bottom_up.res4.5.conv2.weight",
-    "roi_heads.box_predictor.cls_score.weight",
-)
 # Calibration targets: the torchvision fixture's (see its comments), unless noted.
 T_FPN_STD = TV.T_FPN_STD
 T_RPN_OBJ_STD = TV.T_RPN_OBJ_STD
@@ -120,9 +158,9 @@ def rng_for(*parts) -> np.random.Generator:
     return np.random.default_rng(words)
 
 
-def build_cfg():
+def build_cfg(spec: dict):
     cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file(D2_CONFIG))
+    cfg.merge_from_file(model_zoo.get_config_file(spec["config"]))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.freeze()
@@ -138,11 +176,40 @@ def make_state_dict(synthetic, keys, scales, overrides):
     return OrderedDict((k, torch.from_numpy(np.ascontiguousarray(sd[k])).to(torch.float32)) for k, _, _ in keys)
 
 
-def check_keys(keys, synthetic) -> None:
-    ref = [(r[0], tuple(int(s) for s in r[1])) for r in synthetic.read_key_tsv(str(KEY_TSV))]
+def is_fpn(model) -> bool:
+    """FPN model (P2..P6, several RPN levels); else one feature map (C4: 'res4', DC5: 'res5')."""
+    return hasattr(model.backbone, "bottom_up")
+
+
+def check_keys(keys, synthetic, key_tsv: Path) -> None:
+    ref = [(r[0], tuple(int(s) for s in r[1])) for r in synthetic.read_key_tsv(str(key_tsv))]
     got = [(k, s) for k, s, _ in keys]
     if ref != got:
-        raise SystemExit(f"state_dict keys differ from {KEY_TSV.name}: {sorted(set(ref) ^ set(got))[:10]}")
+        raise SystemExit(f"state_dict keys differ from {key_tsv.name}: {sorted(set(ref) ^ set(got))[:10]}")
+
+
+class NmsCounter:
+    """Counts the boxes d2 passes to batched_nms in the RPN and in the box-head inference.
+
+    Wraps the ``batched_nms`` names that detectron2's proposal_utils and fast_rcnn modules
+    imported; the wrapped call is unchanged. ``rpn`` / ``det`` collect (boxes, distinct idxs)."""
+
+    def __enter__(self):
+        self.rpn, self.det = [], []
+        self._orig = (d2_proposal_utils.batched_nms, d2_fast_rcnn.batched_nms)
+
+        def wrap(fn, sink):
+            def batched_nms(boxes, scores, idxs, iou_threshold):
+                sink.append((int(boxes.shape[0]), int(torch.unique(idxs).numel())))
+                return fn(boxes, scores, idxs, iou_threshold)
+            return batched_nms
+        d2_proposal_utils.batched_nms = wrap(self._orig[0], self.rpn)
+        d2_fast_rcnn.batched_nms = wrap(self._orig[1], self.det)
+        return self
+
+    def __exit__(self, *exc):
+        d2_proposal_utils.batched_nms, d2_fast_rcnn.batched_nms = self._orig
+        return False
 
 
 def image_bgr(name: str) -> np.ndarray:
@@ -202,8 +269,11 @@ def calibrate(cfg, model, synthetic, keys):
     print(f"[calib] {len(il)} images, sizes {il.image_sizes}, padded {padded}", flush=True)
 
     # ---- pass A: FrozenBN statistics (pre-hooks) + FPN conv biases (forward hooks), one pass.
+    # (C4 / DC5: no FPN; C4's roi_heads.res5 gets its statistics in pass A2 below.)
     hooks = []
     name_of = {m: "backbone." + n for n, m in model.backbone.named_modules()}
+    if isinstance(model.roi_heads, Res5ROIHeads):
+        name_of.update({m: "roi_heads.res5." + n for n, m in model.roi_heads.res5.named_modules()})
 
     def bn_hook(mod, inp):
         name = name_of[mod]
@@ -247,9 +317,25 @@ def calibrate(cfg, model, synthetic, keys):
         h.remove()
     model.load_state_dict(make_state_dict(synthetic, keys, scales, ov))
     feats = model.backbone(il.tensor)
-    print(f"[calib] pass A (backbone BN + FPN) {time.time() - t0:.0f}s; scales {scales}", flush=True)
+    print(f"[calib] pass A (backbone BN{' + FPN' if is_fpn(model) else ''}) {time.time() - t0:.0f}s; "
+          f"scales {scales}", flush=True)
     for k, f in feats.items():
         print(f"    {k}: shape {tuple(f.shape)} std {float(f.std()):.3f} mean {float(f.mean()):.3f}")
+    if isinstance(model.roi_heads, Res5ROIHeads):
+        # ---- pass A2 (C4): roi_heads.res5's FrozenBN statistics. res5 runs on pooled RoIs at
+        # inference; here it runs on the calibration images' whole res4 maps (the same
+        # activations, without RoI cropping), valid region only, as the backbone's statistics.
+        res5 = model.roi_heads.res5
+        hooks = [m.register_forward_pre_hook(bn_hook) for m in res5.modules() if isinstance(m, FrozenBatchNorm2d)]
+        (f_in,) = [feats[f] for f in model.roi_heads.in_features]
+        res5(f_in)
+        for h in hooks:
+            h.remove()
+        model.load_state_dict(make_state_dict(synthetic, keys, scales, ov))
+        f = model.roi_heads.res5(f_in)
+        print(f"[calib] pass A2 (roi_heads.res5 BN on whole maps) {time.time() - t0:.0f}s", flush=True)
+        print(f"    res5 on res4 maps: shape {tuple(f.shape)} std {float(f.std()):.3f} mean {float(f.mean()):.3f}")
+        f = f_in = None
     feats = il = None                      # free the calibration batch
 
     # ---- heads, on the fixture images one at a time (TV's HEAD_CALIB note).
@@ -275,26 +361,34 @@ def calibrate(cfg, model, synthetic, keys):
     sc, mean = TV.centred_scale(rpn_raw(head.objectness_logits.weight), T_RPN_OBJ_STD,
                                 head.objectness_logits.weight)
     scales["proposal_generator.rpn_head.objectness_logits.weight"] = sc
+    n_anchor = head.objectness_logits.weight.shape[0]       # anchors per position: 3 (FPN), 15
     ov["proposal_generator.rpn_head.objectness_logits.bias"] = (
-        -mean + rng_for("bias", "rpn_head.objectness_logits").uniform(-7.0, -5.0, 3)).astype(np.float32)
+        -mean + rng_for("bias", "rpn_head.objectness_logits").uniform(-7.0, -5.0, n_anchor)).astype(np.float32)
     sc, mean = TV.centred_scale(rpn_raw(head.anchor_deltas.weight), T_RPN_DELTA_STD, head.anchor_deltas.weight)
     scales["proposal_generator.rpn_head.anchor_deltas.weight"] = sc
     ov["proposal_generator.rpn_head.anchor_deltas.bias"] = (
-        -mean + 0.1 * T_RPN_DELTA_STD * rng_for("bias", "rpn_head.anchor_deltas").standard_normal(12)
+        -mean + 0.1 * T_RPN_DELTA_STD * rng_for("bias", "rpn_head.anchor_deltas").standard_normal(4 * n_anchor)
     ).astype(np.float32)
     model.load_state_dict(make_state_dict(synthetic, keys, scales, ov))
     print(f"[calib] RPN {time.time() - t0:.0f}s; scales {scales}", flush=True)
 
     # Box head: proposals -> fc1/fc2 biases -> box predictor scales.
     rh = model.roi_heads
+    res5_head = isinstance(rh, Res5ROIHeads)
     props = [rpn(il1, fe, None)[0] for il1, fe in sets]
-    xs = [rh.box_pooler([fe[f] for f in rh.box_in_features], [p.proposal_boxes for p in pr]).flatten(1)
-          for (_, fe), pr in zip(sets, props)]
-    for fc_name in ("fc1", "fc2"):
-        fc = getattr(rh.box_head, fc_name)
-        y = torch.cat([F.linear(x, fc.weight) for x in xs])
-        set_bias(ov, fc, f"roi_heads.box_head.{fc_name}", float(y.double().std()))
-        xs = [torch.relu(fc(x)) for x in xs]
+    if res5_head:
+        # C4: box features = roi_heads.res5(14x14 RoIAlign on res4).mean over 7x7; no hidden
+        # layers left to calibrate (res5's BN statistics come from pass A2).
+        xs = [rh._shared_roi_transform([fe[f] for f in rh.in_features], [p.proposal_boxes for p in pr]).mean(dim=[2, 3])
+              for (_, fe), pr in zip(sets, props)]
+    else:
+        xs = [rh.box_pooler([fe[f] for f in rh.box_in_features], [p.proposal_boxes for p in pr]).flatten(1)
+              for (_, fe), pr in zip(sets, props)]
+        for fc_name in ("fc1", "fc2"):
+            fc = getattr(rh.box_head, fc_name)
+            y = torch.cat([F.linear(x, fc.weight) for x in xs])
+            set_bias(ov, fc, f"roi_heads.box_head.{fc_name}", float(y.double().std()))
+            xs = [torch.relu(fc(x)) for x in xs]
     bp = rh.box_predictor
     sc, mean = TV.centred_scale([F.linear(x, bp.cls_score.weight).double() for x in xs],
                                 T_CLS_STD, bp.cls_score.weight)
@@ -312,13 +406,20 @@ def calibrate(cfg, model, synthetic, keys):
     # Mask head: detections -> mask_fcn / deconv biases -> predictor scale and centring bias.
     xs = []
     for (_, fe), pr in zip(sets, props):
-        pred = bp(rh.box_head(rh.box_pooler([fe[f] for f in rh.box_in_features], [p.proposal_boxes for p in pr])))
+        if res5_head:
+            pred = bp(rh._shared_roi_transform([fe[f] for f in rh.in_features],
+                                               [p.proposal_boxes for p in pr]).mean(dim=[2, 3]))
+        else:
+            pred = bp(rh.box_head(rh.box_pooler([fe[f] for f in rh.box_in_features], [p.proposal_boxes for p in pr])))
         inst, _ = bp.inference(pred, pr)
         print(f"    {len(inst[0])} detections, scores {float(inst[0].scores.min()):.3f}.."
               f"{float(inst[0].scores.max()):.3f}")
-        xs.append(rh.mask_pooler([fe[f] for f in rh.mask_in_features], [inst[0].pred_boxes]))
+        if res5_head:     # the mask head's input: res5 features of the detections (7x7, 2048)
+            xs.append(rh._shared_roi_transform([fe[f] for f in rh.in_features], [inst[0].pred_boxes]))
+        else:
+            xs.append(rh.mask_pooler([fe[f] for f in rh.mask_in_features], [inst[0].pred_boxes]))
     mh = rh.mask_head
-    for i in range(1, 5):
+    for i in range(1, len(mh.conv_norm_relus) + 1):      # 4 convs (FPN, DC5); none for C4
         cv = getattr(mh, f"mask_fcn{i}")
         y = torch.cat([F.conv2d(x, cv.weight, None, padding=1).flatten() for x in xs])
         set_bias(ov, cv, f"roi_heads.mask_head.mask_fcn{i}", float(y.double().std()))
@@ -326,11 +427,12 @@ def calibrate(cfg, model, synthetic, keys):
     y = torch.cat([F.conv_transpose2d(x, mh.deconv.weight, None, stride=2).flatten() for x in xs])
     set_bias(ov, mh.deconv, "roi_heads.mask_head.deconv", float(y.double().std()))
     xs = [torch.relu(mh.deconv(x)) for x in xs]
-    raws = [F.conv2d(x, mh.predictor.weight).double().permute(0, 2, 3, 1).reshape(-1, 80) for x in xs]
+    n_mask = mh.predictor.weight.shape[0]
+    raws = [F.conv2d(x, mh.predictor.weight).double().permute(0, 2, 3, 1).reshape(-1, n_mask) for x in xs]
     sc, mean = TV.centred_scale(raws, T_MASK_STD, mh.predictor.weight)
     scales["roi_heads.mask_head.predictor.weight"] = sc
     ov["roi_heads.mask_head.predictor.bias"] = (
-        -mean + T_MASK_BIAS_STD * rng_for("bias", "mask_predictor").standard_normal(80)).astype(np.float32)
+        -mean + T_MASK_BIAS_STD * rng_for("bias", "mask_predictor").standard_normal(n_mask)).astype(np.float32)
     model.load_state_dict(make_state_dict(synthetic, keys, scales, ov))
     print(f"[calib] mask head {time.time() - t0:.0f}s; scales {scales}", flush=True)
 
@@ -366,22 +468,28 @@ def record_image(cfg, model, name: str) -> dict:
     out[p + "input/channel_sums"] = tn.astype(np.float64).sum((0, 1))
 
     feats = model.backbone(t)
-    assert tuple(feats.keys()) == FPN_LEVELS, feats.keys()
-    for lvl in FPN_LEVELS:
-        f = feats[lvl][0].permute(1, 2, 0).numpy()            # (H, W, 256)
-        q = f"{p}fpn/{lvl}/"
+    fpn = is_fpn(model)
+    # FPN: P2..P6 under fpn/<level>/; C4 / DC5: the single map ('res4' / 'res5') under features/.
+    feature_names = FPN_LEVELS if fpn else tuple(model.proposal_generator.in_features)
+    assert tuple(feats.keys()) == feature_names, feats.keys()
+    for lvl in feature_names:
+        f = feats[lvl][0].permute(1, 2, 0).numpy()            # (H, W, C): C = 256 (FPN), 1024, 2048
+        group = "fpn" if fpn else "features"
+        q = f"{p}{group}/{lvl}/"
         out[q + "hw"] = np.array(f.shape[:2], np.int32)
         out[q + "channel_mean"] = f.astype(np.float64).mean((0, 1)).astype(np.float32)
-        pos = TV.sample_positions(rng_for(name, "fpn", lvl), f.shape, N_SAMPLE)
+        pos = TV.sample_positions(rng_for(name, group, lvl), f.shape, N_SAMPLE)
         out[q + "sample_yxc"] = pos
         out[q + "sample_values"] = f[pos[:, 0], pos[:, 1], pos[:, 2]].astype(np.float32)
 
     rpn = model.proposal_generator
     fl = [feats[f] for f in rpn.in_features]
     obj, dl = rpn.rpn_head(fl)
-    for lvl, o, d in zip(FPN_LEVELS, obj, dl):
-        o = o[0].permute(1, 2, 0).numpy()                     # (H, W, 3)   anchor a = ratio index
-        d = d[0].permute(1, 2, 0).numpy()                     # (H, W, 12)  channel a*4 + (dx,dy,dw,dh)
+    for lvl, o, d in zip(rpn.in_features, obj, dl):
+        # FPN: A = 3 anchors, a = ratio index. C4 / DC5: A = 15, a = size index * 3 + ratio index
+        # (DefaultAnchorGenerator.generate_cell_anchors loops over sizes, then ratios).
+        o = o[0].permute(1, 2, 0).numpy()                     # (H, W, A)
+        d = d[0].permute(1, 2, 0).numpy()                     # (H, W, 4A)  channel a*4 + (dx,dy,dw,dh)
         q = f"{p}rpn/{lvl}/"
         pos = TV.sample_positions(rng_for(name, "rpn", lvl), o.shape[:2], N_RPN_SAMPLE)
         out[q + "sample_yx"] = pos
@@ -390,8 +498,16 @@ def record_image(cfg, model, name: str) -> dict:
     anchors = rpn.anchor_generator(fl)
     objf = [s.permute(0, 2, 3, 1).flatten(1) for s in obj]
     dlf = [x.view(x.shape[0], -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2) for x in dl]
-    props = rpn.predict_proposals(anchors, objf, dlf, images.image_sizes)
+    with NmsCounter() as rpn_nms:
+        props = rpn.predict_proposals(anchors, objf, dlf, images.image_sizes)
     pr = props[0]
+    if not fpn:
+        # Boxes entering the RPN's batched_nms (top-k, then clip and the non-empty filter) and
+        # their distinct level ids (1). torchvision's batched_nms loops over ids above 1000 boxes on
+        # CPU and offsets coordinates at or below; with one id (offset 0) both give plain nms.
+        ((n_in, n_ids),) = rpn_nms.rpn
+        out[p + "rpn/num_nms_input"] = np.array(n_in, np.int32)
+        out[p + "rpn/num_nms_levels"] = np.array(n_ids, np.int32)
     out[p + "rpn/num_anchors_per_level"] = np.array([int(o[0].numel()) for o in obj], np.int32)
     out[p + "proposals"] = pr.proposal_boxes.tensor.numpy().astype(np.float32)
     out[p + "proposal_logits"] = pr.objectness_logits.numpy().astype(np.float32)
@@ -400,22 +516,34 @@ def record_image(cfg, model, name: str) -> dict:
     assert torch.equal(pr2.objectness_logits, pr.objectness_logits)
 
     rh = model.roi_heads
-    box_in = [feats[f] for f in rh.box_in_features]
+    res5_head = isinstance(rh, Res5ROIHeads)
+    if res5_head:
+        # C4 (Res5ROIHeads.forward): 14x14 RoIAlign on res4 -> roi_heads.res5 -> mean over 7x7.
+        box_in = [feats[f] for f in rh.in_features]
+        box_features = lambda b: rh._shared_roi_transform(box_in, b).mean(dim=[2, 3])
+    else:
+        box_in = [feats[f] for f in rh.box_in_features]
+        box_features = lambda b: rh.box_head(rh.box_pooler(box_in, b))
     first = pr[:N_BOX_HEAD]
-    cl, br = rh.box_predictor(rh.box_head(rh.box_pooler(box_in, [first.proposal_boxes])))
+    cl, br = rh.box_predictor(box_features([first.proposal_boxes]))
     out[p + "box_head/class_logits"] = cl.numpy().astype(np.float32)
     out[p + "box_head/box_regression"] = br.numpy().astype(np.float32)
     # (RoI, class) pairs entering the class-wise NMS: torchvision's batched_nms (which d2 calls)
     # loops per class on CPU above 1000 boxes and uses the coordinate trick at or below.
-    pred_all = rh.box_predictor(rh.box_head(rh.box_pooler(box_in, [pr.proposal_boxes])))
+    pred_all = rh.box_predictor(box_features([pr.proposal_boxes]))
     probs = rh.box_predictor.predict_probs(pred_all, [pr])[0]
     out[p + "det/num_candidates"] = np.array(int((probs[:, :-1] > rh.box_predictor.test_score_thresh).sum()),
                                              np.int32)
 
-    dets, _ = rh(images, feats, props, None)
+    with NmsCounter() as det_nms:
+        dets, _ = rh(images, feats, props, None)
+    assert [n for n, _ in det_nms.det] == [int(out[p + "det/num_candidates"])], det_nms.det
     d = dets[0]
     boxes_r = d.pred_boxes.tensor.clone()                     # detector_postprocess scales in place
-    mf = rh.mask_head.layers(rh.mask_pooler([feats[f] for f in rh.mask_in_features], [d.pred_boxes]))
+    if res5_head:     # mask head (deconv + predictor) on res5 of the detections: 14x14 logits
+        mf = rh.mask_head.layers(rh._shared_roi_transform(box_in, [d.pred_boxes]))
+    else:             # 14x14 RoIAlign -> 4 convs -> deconv -> predictor: 28x28 logits
+        mf = rh.mask_head.layers(rh.mask_pooler([feats[f] for f in rh.mask_in_features], [d.pred_boxes]))
     ml = mf[torch.arange(mf.shape[0]), d.pred_classes]
     assert torch.equal(ml.sigmoid(), d.pred_masks[:, 0]), "mask logits do not reproduce roi_heads' masks"
 
@@ -454,7 +582,14 @@ def d2_roi_level(boxes: np.ndarray) -> np.ndarray:
     return (np.clip(k, 2, 5) - 2).astype(np.int64)
 
 
-def quality_report(arrs: dict):
+def d2_adaptive_grid(boxes: np.ndarray, stride: float, output_size: int) -> np.ndarray:
+    """Samples per bin axis of ROIAlignV2 with sampling_ratio 0, for one feature stride."""
+    b = boxes.astype(np.float64)
+    return np.maximum(np.ceil((b[:, 3] - b[:, 1]) / stride / output_size),
+                      np.ceil((b[:, 2] - b[:, 0]) / stride / output_size)).astype(np.int64)
+
+
+def quality_report(arrs: dict, fpn: bool = True, box_pooler_res: int = 7):
     lines, problems = [], []
     for name in FIXTURE_IMAGES:
         s = arrs[f"{name}/det/scores"].astype(np.float64)
@@ -466,29 +601,38 @@ def quality_report(arrs: dict):
         ss = np.sort(s)[::-1]
         gaps = -np.diff(ss)
         prop = arrs[f"{name}/proposal_logits"]
-        lv_det = np.bincount(d2_roi_level(arrs[f"{name}/det/boxes_resized"]), minlength=4)
-        lv_prop = np.bincount(d2_roi_level(arrs[f"{name}/proposals"]), minlength=4)
+        if fpn:
+            lv_det = np.bincount(d2_roi_level(arrs[f"{name}/det/boxes_resized"]), minlength=4)
+            lv_prop = np.bincount(d2_roi_level(arrs[f"{name}/proposals"]), minlength=4)
+            rois = (f"RoI level P2..P5 of detections {lv_det.tolist()}, of proposals {lv_prop.tolist()}")
+        else:
+            # one level at stride 16; box pooler 14x14 (C4) or 7x7 (DC5), mask pooler 14x14
+            g_prop = d2_adaptive_grid(arrs[f"{name}/proposals"], 16.0, box_pooler_res)
+            g_det = d2_adaptive_grid(arrs[f"{name}/det/boxes_resized"], 16.0, 14)
+            rois = (f"RoIAlign samples per bin axis: proposals max {g_prop.max()} (> 8: {int((g_prop > 8).sum())}), "
+                    f"detections max {g_det.max()}; RPN NMS input {int(arrs[f'{name}/rpn/num_nms_input'])}")
         b = arrs[f"{name}/det/boxes"]
         box_area = np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1.0)
         partial = int(((area > 0) & (area < 0.9 * box_area)).sum())
         lines.append(
             f"{name}: {len(s)} dets, {len(np.unique(lab))} classes, scores {ss[-1]:.4f}..{ss[0]:.4f}, "
             f"min gap {gaps.min():.2e}, ties {int((gaps == 0).sum())}, "
-            f"mask logits std {ml.std():.2f} (fg frac of 28x28 {np.mean(ml > 0):.2f}), "
+            f"mask logits std {ml.std():.2f} (fg frac of {ml.shape[1]}x{ml.shape[2]} {np.mean(ml > 0):.2f}), "
             f"pasted mask area frac median {np.median(frac):.4f} [{frac.min():.4f}, {frac.max():.4f}], "
             f"empty masks {int((area == 0).sum())}, partial masks {partial}; {len(prop)} proposals, "
             f"logit ties {len(prop) - len(np.unique(prop))}; NMS candidates "
-            f"{int(arrs[f'{name}/det/num_candidates'])}; RoI level P2..P5 of detections {lv_det.tolist()}, "
-            f"of proposals {lv_prop.tolist()}")
-        if len(s) != 100:
+            f"{int(arrs[f'{name}/det/num_candidates'])}; {rois}")
+        if fpn and len(s) != 100:
             problems.append(f"{name}: {len(s)} detections != 100")
+        if not 10 <= len(s) <= 100:
+            problems.append(f"{name}: {len(s)} detections")
         if (gaps == 0).any():
             problems.append(f"{name}: tied detection scores")
         if (s >= 1.0).any():
             problems.append(f"{name}: a score equals 1.0")
         if len(np.unique(lab)) < 5:
             problems.append(f"{name}: only {len(np.unique(lab))} classes")
-        if partial < 50:
+        if partial < len(s) // 2:
             problems.append(f"{name}: only {partial} masks are neither empty nor filling their box")
     return lines, problems
 
@@ -520,18 +664,27 @@ def state_dict_from_fixture(fx, synthetic, keys):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=OUT_DEFAULT)
+    ap.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL,
+                    help="detectron2 model-zoo row (config, key file, default output)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output npz (default: tests/fixtures/<the model's fixture>)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verify-only", action="store_true", help="only re-run the fixture check")
     args = ap.parse_args()
 
+    spec = MODELS[args.model]
+    if args.out is None:
+        args.out = FIXTURES / spec["out"]
+    checksum_keys = spec["checksum"]
+
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     synthetic = TV.load_synthetic()
-    cfg = build_cfg()
+    cfg = build_cfg(spec)
     model = build_model(cfg)
     keys = TV.model_keys(model)
-    check_keys(keys, synthetic)
+    check_keys(keys, synthetic, FIXTURES / "checkpoint_keys" / spec["keys"])
+    fpn = is_fpn(model)
 
     if not args.verify_only:
         scales, one_d = calibrate(cfg, model, synthetic, keys)
@@ -549,8 +702,8 @@ def main():
             "detectron2": detectron2.__version__, "detectron2_commit": _d2_commit(),
             "numpy": np.__version__, "scikit-image": skimage.__version__, "pillow": _version("pillow"),
             "pycocotools": _version("pycocotools"), "python": sys.version.split()[0]}))
-        arrs["config"] = np.array(json.dumps({
-            "model": f"detectron2 get_cfg() + configs/{D2_CONFIG}, MODEL.DEVICE=cpu, MODEL.WEIGHTS='', "
+        config = {
+            "model": f"detectron2 get_cfg() + configs/{spec['config']}, MODEL.DEVICE=cpu, MODEL.WEIGHTS='', "
                      "build_model, eval",
             "min_size": cfg.INPUT.MIN_SIZE_TEST, "max_size": cfg.INPUT.MAX_SIZE_TEST,
             "resize": "ResizeShortestEdge (PIL BILINEAR on uint8)", "input_format": cfg.INPUT.FORMAT,
@@ -559,23 +712,52 @@ def main():
             "frozen_bn_eps": 1e-5,
             "input": "skimage RGB uint8 -> BGR (read_image format BGR) -> resize -> float32 CHW",
             "mask_binarization": "paste_masks_in_image (grid_sample) >= 0.5",
-            "torch_threads": args.threads}))
+            "torch_threads": args.threads}
+        if not fpn:     # the settings that differ between the C4 / DC5 rows and FPN
+            a = cfg.MODEL.ANCHOR_GENERATOR
+            config.update({
+                "backbone_out_features": list(cfg.MODEL.RESNETS.OUT_FEATURES),
+                "res5_dilation": cfg.MODEL.RESNETS.RES5_DILATION,
+                "rpn_in_features": list(cfg.MODEL.RPN.IN_FEATURES),
+                "anchor_sizes": [list(x) for x in a.SIZES], "anchor_aspect_ratios": [list(x) for x in a.ASPECT_RATIOS],
+                "anchor_offset": a.OFFSET, "anchor_order": "size-major: a = size_index * 3 + ratio_index",
+                "rpn_pre_nms_topk_test": cfg.MODEL.RPN.PRE_NMS_TOPK_TEST,
+                "rpn_post_nms_topk_test": cfg.MODEL.RPN.POST_NMS_TOPK_TEST,
+                "rpn_nms_thresh": cfg.MODEL.RPN.NMS_THRESH,
+                "roi_heads": cfg.MODEL.ROI_HEADS.NAME, "roi_in_features": list(cfg.MODEL.ROI_HEADS.IN_FEATURES),
+                "box_pooler": [cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE, cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION,
+                               cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO],
+                "box_head": (cfg.MODEL.ROI_BOX_HEAD.NAME if cfg.MODEL.ROI_HEADS.NAME != "Res5ROIHeads"
+                             else "res5 (stride 2) + mean over 7x7"),
+                "box_head_num_fc": cfg.MODEL.ROI_BOX_HEAD.NUM_FC,
+                "mask_pooler": [cfg.MODEL.ROI_MASK_HEAD.POOLER_TYPE, cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION,
+                                cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO],
+                "mask_head_num_conv": cfg.MODEL.ROI_MASK_HEAD.NUM_CONV,
+                "score_thresh_test": cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+                "nms_thresh_test": cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
+                "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE})
+        arrs["config"] = np.array(json.dumps(config))
         arrs["image_names"] = np.array(FIXTURE_IMAGES)
         arrs["image_sources"] = np.array(json.dumps({n: image_source(n) for n in FIXTURE_IMAGES}))
         arrs["calibration_images"] = np.array(CALIB_IMAGES)
-        arrs["fpn_levels"] = np.array(FPN_LEVELS)
+        if fpn:
+            arrs["fpn_levels"] = np.array(FPN_LEVELS)
+        else:
+            arrs["feature_names"] = np.array(list(model.proposal_generator.in_features))
+            # the 15 cell anchors (XYXY around 0) of the single level, in channel order a
+            arrs["cell_anchors"] = next(iter(model.proposal_generator.anchor_generator.cell_anchors)).numpy().astype(np.float32)
         arrs["scale_names"] = np.array(list(scales))
         arrs["scale_values"] = np.array(list(scales.values()), np.float64)
-        arrs["checksum_names"] = np.array(CHECKSUM_KEYS)
-        arrs["checksum_sums"] = np.array([sd[k].double().sum().item() for k in CHECKSUM_KEYS], np.float64)
-        arrs["checksum_first8"] = np.stack([sd[k].flatten()[:8].numpy() for k in CHECKSUM_KEYS]).astype(np.float32)
+        arrs["checksum_names"] = np.array(checksum_keys)
+        arrs["checksum_sums"] = np.array([sd[k].double().sum().item() for k in checksum_keys], np.float64)
+        arrs["checksum_first8"] = np.stack([sd[k].flatten()[:8].numpy() for k in checksum_keys]).astype(np.float32)
         for k, v in one_d.items():
             arrs["w/" + k] = v
         for name in FIXTURE_IMAGES:
             t0 = time.time()
             arrs.update(record_image(cfg, model, name))
             print(f"[record] {name} {time.time() - t0:.0f}s", flush=True)
-        lines, problems = quality_report(arrs)
+        lines, problems = quality_report(arrs, fpn, cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION)
         print("\n".join(lines))
         if problems:
             print("QUALITY PROBLEMS:\n  " + "\n  ".join(problems))
@@ -595,13 +777,16 @@ def main():
             assert sha256(img[:, :, ::-1]) == fx[f"{name}/image_sha256"], f"{name}: image differs"
             resized, inp = d2_input(cfg, img)
             assert sha256(resized) == fx[f"{name}/resized_sha256"], f"{name}: resized image differs"
+            t1 = time.time()
             o = model([inp])[0]["instances"]
+            t_e2e = time.time() - t1
             for k, v, dt in (("boxes", o.pred_boxes.tensor, np.float32), ("scores", o.scores, np.float32),
                              ("labels", o.pred_classes, np.int32)):
                 assert np.array_equal(v.numpy().astype(dt), fx[f"{name}/det/{k}"]), f"{name}: {k} differ"
             runs = np.concatenate([TV.rle_runs(m) for m in o.pred_masks.numpy()])
             assert np.array_equal(runs, fx[f"{name}/det/mask_rle_runs"]), f"{name}: masks differ"
-            print(f"[verify] {name}: {len(o)} detections identical", flush=True)
+            print(f"[verify] {name}: {len(o)} detections identical (d2 forward {t_e2e:.1f}s, "
+                  f"{args.threads} thread(s))", flush=True)
     print("verify OK")
 
 
