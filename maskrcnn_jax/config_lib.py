@@ -141,7 +141,10 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   d = c.data = ml_collections.ConfigDict()
   d.test_short = 800
   d.test_max_size = 1333
-  d.size_divisibility = 32
+  # FPN pads to multiples of 32 (its top-down sums need it); detectron2's plain ResNet backbone
+  # (C4 / DC5) has size_divisibility 0: the input is not padded, and padding would change the
+  # border features (BN shifts the padded zeros), so exact parity needs the same.
+  d.size_divisibility = 32 if arch == "FPN" else 0
   if not multiscale:
     d.train_short, d.train_short_mode = (800,), "choice"
   elif convention == "mmdet":  # mstrain-poly: short side uniformly in [640, 800]

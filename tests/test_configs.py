@@ -119,7 +119,9 @@ def test_architecture_from_name():
     assert m.arch == (arch.group(1) if arch else "FPN"), key
     if m.arch == "FPN":
       assert tuple(m.anchor_strides) == (4, 8, 16, 32, 64), key
+      assert config.data.size_divisibility == 32, key
       continue
+    assert config.data.size_divisibility == 0, key  # d2 ResNet backbone: no padding
     assert tuple(m.anchor_sizes) == (32, 64, 128, 256, 512), key
     assert tuple(m.anchor_strides) == (16,), key
     assert (m.rpn_pre_nms_topk_test, m.rpn_post_nms_topk_test) == (6000, 1000), key

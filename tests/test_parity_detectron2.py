@@ -1,12 +1,13 @@
-"""Stage-by-stage parity with a real detectron2 `mask_rcnn_R_50_FPN_3x` run.
+"""Stage-by-stage parity with real detectron2 runs: `mask_rcnn_R_50_FPN_3x`, `R_50_C4_3x`, `R_50_DC5_3x`.
 
-tests/fixtures/parity_detectron2.npz was produced by scripts/make_parity_fixtures_d2.py with
-detectron2 (built from source) on CPU: the model built from the real yaml got deterministic,
+tests/fixtures/parity_detectron2{,_R_50_C4,_R_50_DC5}.npz were produced by
+scripts/make_parity_fixtures_d2.py (--model) with detectron2 (built from source) on CPU: the model
+built from the real yaml got deterministic,
 calibrated weights (seeded >=2-D tensors, stored 1-D tensors) and ran on three scikit-image
 photographs, fed as BGR like detectron2's decoder. The images are not stored: they are regenerated
 from scikit-image and checked against the stored sha256. Here the same weights are regenerated,
 converted with our detectron2 name map, and every stage is compared: the PIL resize (bit-exact),
-preprocessed input, P2-P6, RPN head outputs, proposals (as sets), box-head outputs on the
+preprocessed input, the features (P2-P6; res4 for C4; the dilated res5 for DC5), RPN head outputs, proposals (as sets), box-head outputs on the
 reference's own proposals, mask logits on the reference's own detection boxes, final detections and
 the pasted masks. Criteria of the inference issue: same detection set (same class, box IoU >= 0.99),
 scores within 1e-3, mask IoU >= 0.98 per instance.
@@ -29,8 +30,17 @@ from maskrcnn_jax.data import transforms
 from maskrcnn_jax.modeling.mask_rcnn import LEVELS, MaskRCNN
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "parity_detectron2.npz"
-KEYS = ROOT / "tests" / "fixtures" / "checkpoint_keys" / "detectron2_mask_rcnn_R_50_FPN_3x.tsv"
+FIXTURES = ROOT / "tests" / "fixtures"
+# model -> (fixture, key list, recipe). The fixtures record the 3x models; the 1x recipes differ
+# only in the schedule.
+MODELS = {
+    "R_50_FPN": ("parity_detectron2.npz", "detectron2_mask_rcnn_R_50_FPN_3x.tsv",
+                 "mask_rcnn_R_50_FPN_3x"),
+    "R_50_C4": ("parity_detectron2_R_50_C4.npz", "detectron2_mask_rcnn_R_50_C4_3x.tsv",
+                "mask_rcnn_R_50_C4_3x"),
+    "R_50_DC5": ("parity_detectron2_R_50_DC5.npz", "detectron2_mask_rcnn_R_50_DC5_3x.tsv",
+                 "mask_rcnn_R_50_DC5_3x"),
+}
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -44,11 +54,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
 
 
-def d2_adaptive_grid(boxes: np.ndarray, output_size: int) -> np.ndarray:
-  """Samples per bin axis of detectron2's ROIAlignV2 (sampling_ratio 0) on its FPN level."""
+def d2_adaptive_grid(boxes: np.ndarray, output_size: int, arch: str) -> np.ndarray:
+  """Samples per bin axis of detectron2's ROIAlignV2 (sampling_ratio 0) on the RoI's feature map
+  (FPN: its level; C4 / DC5: the stride-16 map)."""
   b = boxes.astype(np.float64)
-  size = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
-  stride = 2.0 ** np.clip(np.floor(4 + np.log2(size / 224 + 1e-8)), 2, 5)
+  if arch == "FPN":
+    size = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    stride = 2.0 ** np.clip(np.floor(4 + np.log2(size / 224 + 1e-8)), 2, 5)
+  else:
+    stride = 16.0
   return np.maximum(np.ceil((b[:, 3] - b[:, 1]) / stride / output_size),
                     np.ceil((b[:, 2] - b[:, 0]) / stride / output_size)).astype(np.int64)
 
@@ -70,18 +84,20 @@ def fixture_image_bgr(fx, name: str) -> np.ndarray:
   return np.ascontiguousarray(img[:, :, ::-1])
 
 
-@pytest.fixture(scope="module")
-def setup():
-  if not FIXTURE.exists():
-    pytest.skip(f"{FIXTURE} missing (generate with scripts/make_parity_fixtures_d2.py)")
-  fx = np.load(FIXTURE)
-  keys = synthetic.read_key_tsv(KEYS)
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def setup(request):
+  fixture, keys_file, recipe = MODELS[request.param]
+  path = FIXTURES / fixture
+  if not path.exists():
+    pytest.skip(f"{path} missing (generate with scripts/make_parity_fixtures_d2.py)")
+  fx = np.load(path)
+  keys = synthetic.read_key_tsv(FIXTURES / "checkpoint_keys" / keys_file)
   state = synthetic.state_dict_from_fixture(fx, keys)
   # The numpy RNG stream must be the one the fixture was generated with.
   for name, total in zip(fx["checksum_names"], fx["checksum_sums"]):
     assert float(state[str(name)].astype(np.float64).sum()) == pytest.approx(total, rel=1e-9), (
         f"regenerated {name} differs from the fixture: numpy's RNG stream changed?")
-  config = config_lib.load_config_file(str(ROOT / "configs/detectron2/mask_rcnn_R_50_FPN_3x.py"))
+  config = config_lib.load_config_file(str(ROOT / "configs" / "detectron2" / f"{recipe}.py"))
   # The reference ran on CPU, where torchvision's batched_nms (which detectron2 calls) loops over
   # classes/levels (no coordinate-offset trick) above 1000 boxes: the RPN (~4000 boxes) and, on all
   # three images, the detection stage (`det/num_candidates`, asserted below) exceed that.
@@ -90,8 +106,11 @@ def setup():
   # samples per bin axis, a documented approximation; the calibrated random RPN proposes elongated
   # boxes that need up to 16 (with a cap of 8, 8-22 of the 1000 proposals per image exceeded it
   # and their box-head logits differed by up to 0.5). The parity test checks the exact algorithm.
-  need = max(max(d2_adaptive_grid(fx[f"{n}/proposals"], 7).max(),
-                 d2_adaptive_grid(fx[f"{n}/det/boxes_resized"], 14).max()) for n in image_names(fx))
+  arch = config.model.arch
+  box_pool = 14 if arch == "C4" else 7
+  need = max(max(d2_adaptive_grid(fx[f"{n}/proposals"], box_pool, arch).max(),
+                 d2_adaptive_grid(fx[f"{n}/det/boxes_resized"], 14, arch).max())
+             for n in image_names(fx))
   config.model.roi_align_max_grid = max(int(need), int(config.model.roi_align_max_grid))
   variables, _ = convert.convert_state_dict(config, state)
   predictor = inference.Predictor(config, jax.device_put(variables),
@@ -126,9 +145,20 @@ def test_resize_matches_detectron2(setup):
     assert sha256(resized) == str(fx[f"{name}/resized_sha256"]), f"{name}: resized pixels differ"
 
 
+def feature_keys(fx, config):
+  """(fixture key, our feature name, anchors per location) of each RPN input map."""
+  if config.model.arch == "FPN":
+    assert tuple(str(n) for n in fx["fpn_levels"]) == LEVELS
+    return [(f"fpn/{lvl}", lvl, 3) for lvl in LEVELS]
+  (d2_name,) = (str(n) for n in fx["feature_names"])
+  ours = {"C4": "c4", "DC5": "c5"}[config.model.arch]
+  assert d2_name == {"c4": "res4", "c5": "res5"}[ours]
+  return [(f"features/{d2_name}", ours, 15)]
+
+
 def test_parity_stage_by_stage(setup):
   fx, config, predictor = setup
-  assert tuple(str(n) for n in fx["fpn_levels"]) == LEVELS
+  levels = feature_keys(fx, config)
   report = []
   for name in image_names(fx):
     p = f"{name}/"
@@ -144,28 +174,29 @@ def test_parity_stage_by_stage(setup):
     np.testing.assert_allclose(batch["image"].astype(np.float64).sum((0, 1)),
                                fx[p + "input/channel_sums"], rtol=1e-6)
 
-    # 2-3. FPN levels and RPN head outputs.
+    # 2-3. Features (FPN levels / res4 / res5) and RPN head outputs.
     feats, logits, deltas = run_stages(predictor, batch)
-    for lvl in LEVELS:
-      f = np.asarray(feats[lvl][0])
-      q = f"{p}fpn/{lvl}/"
-      assert f.shape[:2] == tuple(fx[q + "hw"]), (name, lvl)
+    assert list(feats) == [ours for _, ours, _ in levels]
+    for key, ours, _ in levels:
+      f = np.asarray(feats[ours][0])
+      q = f"{p}{key}/"
+      assert f.shape[:2] == tuple(fx[q + "hw"]), (name, ours)
       ref = fx[q + "sample_values"]
       pos = fx[q + "sample_yxc"]
       err = np.abs(f[pos[:, 0], pos[:, 1], pos[:, 2]] - ref).max() / float(np.abs(ref).max())
-      assert err < 1e-4, f"{name} {lvl}: max relative error {err:.2e}"
-      report.append(f"{name} {lvl} rel err {err:.1e}")
+      assert err < 1e-4, f"{name} {ours}: max relative error {err:.2e}"
+      report.append(f"{name} {ours} rel err {err:.1e}")
     rpn_err = 0.0
-    for lvl, lg, dl in zip(LEVELS, logits, deltas):
-      h, w = fx[f"{p}fpn/{lvl}/hw"]
-      lg = np.asarray(lg[0]).reshape(h, w, 3)
-      dl = np.asarray(dl[0]).reshape(h, w, 12)
-      q = f"{p}rpn/{lvl}/"
+    for (key, ours, a), lg, dl in zip(levels, logits, deltas):
+      h, w = fx[f"{p}{key}/hw"]
+      lg = np.asarray(lg[0]).reshape(h, w, a)
+      dl = np.asarray(dl[0]).reshape(h, w, 4 * a)
+      q = f"{p}rpn/{key.split('/')[-1]}/"
       yx = fx[q + "sample_yx"]
-      for ours, key in ((lg, "objectness"), (dl, "deltas")):
-        ref = fx[q + key]
-        err = np.abs(ours[yx[:, 0], yx[:, 1]] - ref).max() / float(np.abs(ref).max())
-        assert err < 1e-4, f"{name} rpn {lvl} {key}: max relative error {err:.2e}"
+      for ours_out, out_key in ((lg, "objectness"), (dl, "deltas")):
+        ref = fx[q + out_key]
+        err = np.abs(ours_out[yx[:, 0], yx[:, 1]] - ref).max() / float(np.abs(ref).max())
+        assert err < 1e-4, f"{name} rpn {ours} {out_key}: max relative error {err:.2e}"
         rpn_err = max(rpn_err, err)
     report.append(f"{name} rpn head max rel err {rpn_err:.1e}")
 
