@@ -42,7 +42,6 @@ def zoo_config(row: str) -> str:
 
 def build(config: str):
     """detectron2 model for a model-zoo config path (or a yaml file), CPU, eval, no weights."""
-    import torch  # noqa: F401  (imported before detectron2 as in detectron2's own tools)
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
