@@ -14,7 +14,11 @@ import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.layers import Conv, Norm
 
-BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                    152: (3, 8, 36, 3)}
+# ResNet-18/34 use BasicBlock (detectron2 `build_resnet_backbone`: RES2_OUT_CHANNELS 64, no
+# bottleneck width); no zoo Mask R-CNN uses them, they serve small from-scratch models.
+BASIC_BLOCK_DEPTHS = (18, 34)
 
 
 def stage_widths(groups: int, width_per_group: int) -> tuple[int, ...]:
@@ -24,6 +28,32 @@ def stage_widths(groups: int, width_per_group: int) -> tuple[int, ...]:
   32x8d: (256, 512, 1024, 2048).
   """
   return tuple(groups * width_per_group * 2**i for i in range(4))
+
+
+class BasicBlock(nn.Module):
+  """3x3 (stride) -> 3x3, with a projection shortcut when the shape changes (He et al. 2016;
+  detectron2 `BasicBlock`). Input [N, H, W, C_in] -> [N, H / stride, W / stride, out_channels]."""
+  out_channels: int
+  stride: int
+  has_shortcut: bool = False
+  norm: str = "frozen_bn"
+  norm_eps: float = 1e-5
+  train: bool = False
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    norm = lambda name: Norm(self.norm, self.norm_eps, self.train, name=name)
+    y = Conv(self.out_channels, 3, self.stride, use_bias=False, precision=self.precision,
+             name="conv1")(x)
+    y = nn.relu(norm("norm1")(y))
+    y = Conv(self.out_channels, 3, use_bias=False, precision=self.precision, name="conv2")(y)
+    y = norm("norm2")(y)
+    if self.has_shortcut:
+      x = Conv(self.out_channels, 1, self.stride, use_bias=False, precision=self.precision,
+               name="shortcut")(x)
+      x = norm("shortcut_norm")(x)
+    return nn.relu(x + y)
 
 
 class Bottleneck(nn.Module):
@@ -68,9 +98,17 @@ def bottleneck_stage(x: jax.Array, *, stage: int, num_blocks: int, width: int, o
                      norm_eps: float, train: bool, precision: Any) -> jax.Array:
   """The blocks `res{stage}_0 .. res{stage}_{num_blocks - 1}` of one stage, created as children of
   the calling compact module (the first block carries the stride and the projection shortcut).
+  width 0 builds BasicBlocks (ResNet-18/34) instead of bottlenecks.
 
   detectron2 `ResNet.make_stage(BottleneckBlock, num_blocks, stride_per_block=[stride, 1, ...])`.
   """
+  if width == 0:  # BasicBlock stages (ResNet-18/34)
+    for b in range(num_blocks):
+      x = BasicBlock(
+          out_channels=out_channels, stride=stride if b == 0 else 1,
+          has_shortcut=b == 0 and (stride != 1 or x.shape[-1] != out_channels), norm=norm,
+          norm_eps=norm_eps, train=train, precision=precision, name=f"res{stage}_{b}")(x)
+    return x
   for b in range(num_blocks):
     x = Bottleneck(
         width=width, out_channels=out_channels, stride=stride if b == 0 else 1, groups=groups,
@@ -83,7 +121,8 @@ class ResNet(nn.Module):
   """ResNet-50/101 and ResNeXt backbones returning C2..C5.
 
   Attributes:
-    depth: 50 or 101 (152 also accepted).
+    depth: 50 or 101 (152 also accepted; 18 / 34 build BasicBlocks, for small models, with
+      res2_out_channels 64 as detectron2 requires).
     groups, width_per_group: 1/64 for ResNet; 32/4, 64/4, 32/8 for ResNeXt.
     stride_in_1x1: caffe style (True) or pytorch style (False).
     norm: 'frozen_bn' | 'bn' | 'gn'; norm_eps: 1e-5, or 0.0 for torchvision v1 weights.
@@ -131,8 +170,11 @@ class ResNet(nn.Module):
       if stage > self.last_stage:
         break
       dilation = self.res5_dilation if stage == 5 else 1
+      if self.depth in BASIC_BLOCK_DEPTHS and dilation > 1:
+        raise ValueError("ResNet-18/34 with a dilated res5 is not supported (detectron2 neither)")
       x = bottleneck_stage(
-          x, stage=stage, num_blocks=n_blocks, width=width,
+          x, stage=stage, num_blocks=n_blocks,
+          width=0 if self.depth in BASIC_BLOCK_DEPTHS else width,
           out_channels=self.res2_out_channels * 2**i,
           stride=1 if stage == 2 or dilation > 1 else 2, dilation=dilation, groups=self.groups,
           stride_in_1x1=self.stride_in_1x1, norm=self.norm, norm_eps=self.norm_eps,

@@ -136,3 +136,24 @@ def test_training_steps_decrease_the_loss(tmp_path, arch):
   for k in part:
     before, after = before[k], after[k]
   assert np.abs(np.asarray(after) - np.asarray(before)).max() > 0
+
+
+def test_resnet18_basic_blocks():
+  """ResNet-18 (detectron2 / torchvision BasicBlock layout): 2 blocks per stage, 3x3-3x3, a
+  projection shortcut only where the shape changes, strides 4..32, channels 64..512."""
+  from maskrcnn_jax.modeling.resnet import ResNet
+  net = ResNet(depth=18, res2_out_channels=64, norm="bn", freeze_at=0, train=False)
+  x = jnp.ones((1, 64, 96, 3), jnp.float32)
+  variables = net.init(jax.random.PRNGKey(0), x)
+  out = net.apply(variables, x)
+  assert [out[f"c{s}"].shape for s in (2, 3, 4, 5)] == [
+      (1, 16, 24, 64), (1, 8, 12, 128), (1, 4, 6, 256), (1, 2, 3, 512)]
+  p = variables["params"]
+  assert sorted(k for k in p if k.startswith("res")) == [
+      f"res{s}_{b}" for s in (2, 3, 4, 5) for b in (0, 1)]
+  assert "shortcut" not in p["res2_0"] and "conv3" not in p["res2_0"]
+  assert p["res3_0"]["shortcut"]["kernel"].shape == (1, 1, 64, 128)
+  assert p["res3_0"]["conv1"]["kernel"].shape == (3, 3, 64, 128)
+  n = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(p))
+  # torchvision resnet18 without fc: 11,176,512 parameters (conv weights + BN affine).
+  assert n == 11176512
