@@ -27,7 +27,7 @@ from pycocotools import mask as mask_util
 from maskrcnn_jax import config_lib, convert, inference
 from maskrcnn_jax.checkpoints import synthetic
 from maskrcnn_jax.data import transforms
-from maskrcnn_jax.modeling.mask_rcnn import LEVELS, MaskRCNN
+from maskrcnn_jax.modeling.mask_rcnn import LEVELS, MaskRCNN, ModelConfig
 from maskrcnn_jax.ops import paste as paste_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def setup(request):
   # boxes that need up to 16 (with a cap of 8, 8-22 of the 1000 proposals per image exceeded it
   # and their box-head logits differed by up to 0.5). The parity test checks the exact algorithm.
   arch = config.model.arch
-  box_pool = 14 if arch == "C4" else 7
+  box_pool = ModelConfig.from_config(config).box_pool_size
   need = max(max(d2_adaptive_grid(fx[f"{n}/proposals"], box_pool, arch).max(),
                  d2_adaptive_grid(fx[f"{n}/det/boxes_resized"], 14, arch).max())
              for n in image_names(fx))
