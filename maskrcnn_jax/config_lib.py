@@ -266,11 +266,14 @@ def train_config() -> ml_collections.ConfigDict:
   num_steps: 0 = the schedule's length. log_every / checkpoint_every / eval_every: iterations
   (eval_every 0 = only at the end). keep_checkpoints: the last N are kept. data_seed: -1 = seed.
   rpn_batch_per_image / roi_batch_per_image: the samplers' sizes (parity_spec 4.1: 256 and 512).
+  rpn_positive_fraction / roi_positive_fraction: their foreground shares (0.5 and 0.25; detectron2
+  MODEL.RPN.POSITIVE_FRACTION / MODEL.ROI_HEADS.POSITIVE_FRACTION, mmdet sampler.pos_fraction).
   """
   return ml_collections.ConfigDict(dict(
       global_batch=16, num_steps=0, log_every=20, checkpoint_every=5000, keep_checkpoints=3,
       async_checkpoints=True, eval_every=0, final_eval=True, data_seed=-1,
-      rpn_batch_per_image=256, roi_batch_per_image=512))
+      rpn_batch_per_image=256, roi_batch_per_image=512, rpn_positive_fraction=0.5,
+      roi_positive_fraction=0.25))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

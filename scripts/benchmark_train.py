@@ -66,7 +66,7 @@ def main():
     import jax.numpy as jnp
     from maskrcnn_jax.data import pipeline
     from maskrcnn_jax.modeling.build import build_model, init_variables
-    from maskrcnn_jax.training import optimizer, sharding, train_state
+    from maskrcnn_jax.training import optimizer, sharding, train_state, trainer
 
     c = config.value
     mesh = sharding.make_mesh(-1)
@@ -80,10 +80,9 @@ def main():
     tx = optimizer.build_optimizer(c, variables["params"], schedule)
     state = train_state.place_state(
         train_state.create_train_state(variables, tx, jax.random.PRNGKey(1)), mesh)
-    # The sampler sizes the trainer passes (train.rpn/roi_batch_per_image; the references' 256 /
+    # The sampler settings the trainer passes (train.rpn/roi_batch_per_image; the references' 256 /
     # 512 when unset): at small image sizes the RoI heads dominate the step.
-    loss_kwargs = {k: int(c.train[k]) for k in ("rpn_batch_per_image", "roi_batch_per_image")
-                   if int(c.train.get(k, 0) or 0) > 0}
+    loss_kwargs = trainer.sampler_kwargs(c.train)
     step_fn = train_state.make_train_step(
         model, tx, schedule, mesh, state, compute_dtype=jnp.dtype(c.model.get("dtype", "float32")),
         loss_kwargs=loss_kwargs)

@@ -66,12 +66,13 @@ class BoxHead(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """x [R, 7, 7, C]; valid [R] bool: the real RoIs, the only ones in BN statistics (`Norm`)."""
     for i in range(self.num_conv):
       x = Conv(self.conv_dim, 3, use_bias=self.norm is None, precision=self.precision,
                name=f"conv{i}")(x)
       if self.norm is not None:
-        x = Norm(self.norm, self.norm_eps, self.train, name=f"conv{i}_norm")(x)
+        x = Norm(self.norm, self.norm_eps, self.train, name=f"conv{i}_norm")(x, valid)
       x = nn.relu(x)
     x = flatten_roi_features(x)
     for i in range(self.num_fc):
@@ -112,12 +113,14 @@ class MaskHead(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """x [R, 14, 14, C]; valid [R] bool: the real (positive) RoIs, the only ones in BN
+    statistics (`Norm`)."""
     for i in range(self.num_conv):
       x = Conv(self.conv_dim, 3, use_bias=self.norm is None, precision=self.precision,
                name=f"conv{i + 1}")(x)
       if self.norm is not None:
-        x = Norm(self.norm, self.norm_eps, self.train, name=f"conv{i + 1}_norm")(x)
+        x = Norm(self.norm, self.norm_eps, self.train, name=f"conv{i + 1}_norm")(x, valid)
       x = nn.relu(x)
     x = nn.relu(ConvTranspose2x2(self.conv_dim, precision=self.precision, name="deconv")(x))
     return Conv(self.num_classes, 1, precision=self.precision, name="predictor",

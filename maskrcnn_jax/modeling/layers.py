@@ -78,17 +78,23 @@ class Norm(nn.Module):
   """Selects the norm layer by name: 'frozen_bn', 'bn' (trainable BatchNorm) or 'gn' (GroupNorm 32).
 
   `train` only matters for 'bn', which then uses and updates batch statistics.
+  Call with x [N, H, W, C] and optionally `mask` [N] bool: the samples that count in the 'bn'
+  batch statistics. The RoI heads pass it because their RoI batches are padded to a static size
+  (the mask head's slots beyond the positives, the sampler's slots beyond the proposals), and
+  the references run their heads on the real RoIs only (torchvision's v2 heads with
+  nn.BatchNorm2d, detectron2 / mmdet heads with norm 'BN' / 'SyncBN'). Masked-out samples are
+  normalized with the statistics of the others. 'frozen_bn' and 'gn' (per sample) ignore it.
   """
   kind: str = "frozen_bn"
   epsilon: float = 1e-5
   train: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     if self.kind == "frozen_bn":
       return _frozen_bn(self, x)
     if self.kind == "bn":
-      return _bn_here(self, x)
+      return _bn_here(self, x, mask)
     if self.kind == "gn":
       return _gn_here(self, x)
     raise ValueError(f"unknown norm kind {self.kind!r}; expected 'frozen_bn', 'bn' or 'gn'")
@@ -108,8 +114,12 @@ def _frozen_bn(m: nn.Module, x: jax.Array) -> jax.Array:
   return x * s.astype(x.dtype) + shift.astype(x.dtype)
 
 
-def _bn_here(m: nn.Module, x: jax.Array) -> jax.Array:
-  """Trainable BatchNorm with the same variable names as flax.linen.BatchNorm (momentum 0.9)."""
+def _bn_here(m: nn.Module, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+  """Trainable BatchNorm with the same variable names as flax.linen.BatchNorm (momentum 0.9).
+
+  `mask` [N] (see `Norm`): statistics over the masked-in samples only; with none of them (a batch
+  without a positive RoI) the running statistics are left as they are.
+  """
   c = x.shape[-1]
   scale = m.param("scale", nn.initializers.ones, (c,), jnp.float32)
   bias = m.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -117,13 +127,24 @@ def _bn_here(m: nn.Module, x: jax.Array) -> jax.Array:
   ra_var = m.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
   if m.train:
     xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+    pixels = xf.shape[1] * xf.shape[2]
+    if mask is None:
+      n = xf.shape[0] * pixels
+      mean = jnp.mean(xf, axis=(0, 1, 2))
+      var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+      any_counted = True
+    else:
+      w = mask.astype(jnp.float32).reshape(-1, 1, 1, 1)
+      n = jnp.sum(w) * pixels
+      denom = jnp.maximum(n, 1.0)
+      mean = jnp.sum(xf * w, axis=(0, 1, 2)) / denom
+      var = jnp.sum(jnp.square(xf - mean) * w, axis=(0, 1, 2)) / denom
+      any_counted = n > 0
     if not m.is_initializing():
       # PyTorch momentum 0.1 on the running statistics (unbiased variance as torch keeps it).
-      n = xf.shape[0] * xf.shape[1] * xf.shape[2]
-      ra_mean.value = 0.9 * ra_mean.value + 0.1 * mean
-      ra_var.value = 0.9 * ra_var.value + 0.1 * var * (n / max(n - 1, 1))
+      unbiased = var * (n / jnp.maximum(n - 1, 1))
+      ra_mean.value = jnp.where(any_counted, 0.9 * ra_mean.value + 0.1 * mean, ra_mean.value)
+      ra_var.value = jnp.where(any_counted, 0.9 * ra_var.value + 0.1 * unbiased, ra_var.value)
   else:
     mean, var = ra_mean.value, ra_var.value
   s = scale * jax.lax.rsqrt(var + m.epsilon)
@@ -134,6 +155,10 @@ def _gn_here(m: nn.Module, x: jax.Array, groups: int = 32) -> jax.Array:
   c = x.shape[-1]
   scale = m.param("scale", nn.initializers.ones, (c,), jnp.float32)
   bias = m.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+  if c % groups:
+    raise ValueError(f"GroupNorm({groups}) at {'/'.join(m.scope.path)} needs a channel count "
+                     f"divisible by {groups}, got {c}: choose widths that are multiples of "
+                     f"{groups} or another norm")
   n, h, w, _ = x.shape
   xg = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
   mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)

@@ -78,6 +78,9 @@ class ModelConfig:
   max_candidates: int = 4000
   mask_scoring: bool = False
   roi_align_max_grid: int = 16
+  # FPN level of a RoI: P4 at sqrt(area) = this (detectron2 / torchvision ROIPooler
+  # canonical_box_size; mmdet finest_scale = a quarter of it). 224 in every reference.
+  roi_canonical_box_size: float = 224.0
   nms_coordinate_trick: Optional[bool] = None
   # config.kernels.roi_align: 'auto' | 'reference' | 'pallas' | 'interpret' (pallas_kernels/README.md).
   roi_align_impl: str = "auto"
@@ -100,6 +103,9 @@ class ModelConfig:
       raise ValueError(f"model.arch must be one of {ARCHS}, got {values['arch']!r}")
     if values.get("arch", "FPN") != "FPN" and values.get("mask_scoring", False):
       raise ValueError("model.mask_scoring (the MaskIoU head) is implemented for arch 'FPN' only")
+    if float(values.get("roi_canonical_box_size", 224.0)) <= 0:
+      raise ValueError("model.roi_canonical_box_size must be > 0, got "
+                       f"{values['roi_canonical_box_size']!r}")
     kernels = config.get("kernels", None)
     if kernels is not None and kernels.get("roi_align", None):
       values["roi_align_impl"] = str(kernels.roi_align)
@@ -320,12 +326,14 @@ class MaskRCNN(nn.Module):
         maps, boxes.reshape(n * r, 4), batch_idx, level_rule=conv.level_map,
         output_size=output_size, sampling_ratio=conv.roi_align_sampling_ratio,
         aligned=conv.roi_align_aligned, strides=strides, max_grid=cfg.roi_align_max_grid,
-        valid=valid.reshape(-1), impl=cfg.roi_align_impl)
+        valid=valid.reshape(-1), impl=cfg.roi_align_impl,
+        canonical_box_size=cfg.roi_canonical_box_size)
 
   def res5_features(self, feats, boxes: jax.Array, valid: jax.Array) -> jax.Array:
     """C4 only: res5 on the 14x14 RoIAlign of res4 -> [N * R, 7, 7, 2048] (`_shared_roi_transform`
     of detectron2's Res5ROIHeads)."""
-    return self.roi_res5(self.pool(feats, boxes, valid, self.cfg.box_pool_size))
+    return self.roi_res5(self.pool(feats, boxes, valid, self.cfg.box_pool_size),
+                         valid.reshape(-1))
 
   def box_branch(self, feats, boxes: jax.Array, valid: jax.Array, res5: Optional[jax.Array] = None):
     """Class logits [N, R, K_cls] and deltas [N, R, K_reg, 4] for [N, R, 4] boxes.
@@ -339,7 +347,8 @@ class MaskRCNN(nn.Module):
         res5 = self.res5_features(feats, boxes, valid)
       x = jnp.mean(res5, axis=(1, 2))
     else:
-      x = self.box_head(self.pool(feats, boxes, valid, self.cfg.box_pool_size))
+      x = self.box_head(self.pool(feats, boxes, valid, self.cfg.box_pool_size),
+                        valid.reshape(-1))
     logits, deltas = self.box_predictor(x)
     return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
 
@@ -356,7 +365,7 @@ class MaskRCNN(nn.Module):
       roi_feats = res5 if res5 is not None else self.res5_features(feats, boxes, valid)
     else:
       roi_feats = self.pool(feats, boxes, valid, 14)
-    all_logits = self.mask_head(roi_feats)  # [N*D, M, M, K_mask]
+    all_logits = self.mask_head(roi_feats, valid.reshape(-1))  # [N*D, M, M, K_mask]
     channel = labels.reshape(-1)  # bg_last: label c -> channel c; tv: category index -> channel
     logits = jnp.take_along_axis(all_logits, channel[:, None, None, None], axis=-1)[..., 0]
     mask_iou = None
@@ -404,6 +413,8 @@ class MaskRCNN(nn.Module):
              category_ids: Optional[Tuple[int, ...]] = None,
              rpn_batch_per_image: int = RPN_BATCH_PER_IMAGE,
              roi_batch_per_image: int = ROI_BATCH_PER_IMAGE,
+             rpn_positive_fraction: float = RPN_POSITIVE_FRACTION,
+             roi_positive_fraction: float = ROI_POSITIVE_FRACTION,
              ) -> tuple[jax.Array, Dict[str, jax.Array]]:
     """Train-mode forward: targets, sampling and the convention's losses (parity_spec 4).
 
@@ -422,7 +433,10 @@ class MaskRCNN(nn.Module):
       category_ids: bg_first layouts only: the label -> class index table (see
         `train_class_index`); static.
       rpn_batch_per_image, roi_batch_per_image: sampler sizes (static; the references' 256 and
-        512 by default; the positive fractions stay 0.5 and 0.25).
+        512 by default).
+      rpn_positive_fraction, roi_positive_fraction: the samplers' foreground shares (static;
+        0.5 and 0.25 as in every reference: detectron2 MODEL.RPN.POSITIVE_FRACTION /
+        MODEL.ROI_HEADS.POSITIVE_FRACTION, mmdet `sampler.pos_fraction`).
 
     Returns:
       (total, terms): total float32 scalar = the sum of the terms whose key starts with "loss_"
@@ -450,7 +464,7 @@ class MaskRCNN(nn.Module):
     rpn_t = jax.vmap(
         lambda g, v, r: targets_lib.rpn_targets(
             all_anchors, g, v, r, convention=conv, num_samples=rpn_batch_per_image,
-            positive_fraction=RPN_POSITIVE_FRACTION))(
+            positive_fraction=rpn_positive_fraction))(
                 gt_boxes, gt_valid, jax.random.split(rng_rpn, n))
     terms = losses_lib.rpn_losses(
         jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), rpn_t["pos"],
@@ -467,7 +481,7 @@ class MaskRCNN(nn.Module):
         lambda p, pv, g, c, v, r: targets_lib.roi_targets(
             p, pv, g, c, v, r, convention=conv, bbox_reg_weights=tuple(cfg.bbox_reg_weights),
             background_class=background_class(cfg), num_samples=roi_batch_per_image,
-            positive_fraction=ROI_POSITIVE_FRACTION))(
+            positive_fraction=roi_positive_fraction))(
                 props, props_valid, gt_boxes, gt_classes, gt_valid,
                 jax.random.split(rng_roi, n))
     roi_t = jax.lax.stop_gradient(roi_t)
@@ -480,7 +494,7 @@ class MaskRCNN(nn.Module):
         roi_t["box_targets"], roi_t["classes"], convention=conv))
 
     # Masks on the positive rows (the first int(512 * 0.25) rows hold every positive).
-    p = int(roi_batch_per_image * ROI_POSITIVE_FRACTION)
+    p = int(roi_batch_per_image * roi_positive_fraction)
     m_rois, m_pos = roi_t["rois"][:, :p], roi_t["pos"][:, :p]
     m_gt = roi_t["matched_gt"][:, :p]
     m_channel = jnp.where(m_pos, roi_t["classes"][:, :p], 0)

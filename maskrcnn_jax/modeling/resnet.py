@@ -6,7 +6,7 @@ mmdet/models/backbones/resnet.py (Bottleneck, `style`), mmdet/models/backbones/r
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,18 +42,14 @@ class BasicBlock(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    norm = lambda name: Norm(self.norm, self.norm_eps, self.train, name=name)
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    norm = lambda name, v: Norm(self.norm, self.norm_eps, self.train, name=name)(v, mask)
     y = Conv(self.out_channels, 3, self.stride, use_bias=False, precision=self.precision,
              name="conv1")(x)
-    y = nn.relu(norm("norm1")(y))
+    y = nn.relu(norm("norm1", y))
     y = Conv(self.out_channels, 3, use_bias=False, precision=self.precision, name="conv2")(y)
-    y = norm("norm2")(y)
-    if self.has_shortcut:
-      x = Conv(self.out_channels, 1, self.stride, use_bias=False, precision=self.precision,
-               name="shortcut")(x)
-      x = norm("shortcut_norm")(x)
-    return nn.relu(x + y)
+    y = norm("norm2", y)
+    return nn.relu(_shortcut(self, x, mask) + y)
 
 
 class Bottleneck(nn.Module):
@@ -76,29 +72,37 @@ class Bottleneck(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-    norm = lambda name: Norm(self.norm, self.norm_eps, self.train, name=name)
+    norm = lambda name, v: Norm(self.norm, self.norm_eps, self.train, name=name)(v, mask)
     y = Conv(self.width, 1, s1, use_bias=False, precision=self.precision, name="conv1")(x)
-    y = nn.relu(norm("norm1")(y))
+    y = nn.relu(norm("norm1", y))
     y = Conv(self.width, 3, s3, dilation=self.dilation, groups=self.groups, use_bias=False,
              precision=self.precision, name="conv2")(y)
-    y = nn.relu(norm("norm2")(y))
+    y = nn.relu(norm("norm2", y))
     y = Conv(self.out_channels, 1, use_bias=False, precision=self.precision, name="conv3")(y)
-    y = norm("norm3")(y)
-    if self.has_shortcut:
-      x = Conv(self.out_channels, 1, self.stride, use_bias=False, precision=self.precision,
-               name="shortcut")(x)
-      x = norm("shortcut_norm")(x)
-    return nn.relu(x + y)
+    y = norm("norm3", y)
+    return nn.relu(_shortcut(self, x, mask) + y)
+
+
+def _shortcut(block: nn.Module, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  """The identity, or the 1x1 strided projection + norm of the stage's first block (variables
+  `shortcut`, `shortcut_norm` under `block`, which must be inside its compact __call__)."""
+  if not block.has_shortcut:
+    return x
+  x = Conv(block.out_channels, 1, block.stride, use_bias=False, precision=block.precision,
+           parent=block, name="shortcut")(x)
+  return Norm(block.norm, block.norm_eps, block.train, parent=block, name="shortcut_norm")(x, mask)
 
 
 def bottleneck_stage(x: jax.Array, *, stage: int, num_blocks: int, width: int, out_channels: int,
                      stride: int, dilation: int, groups: int, stride_in_1x1: bool, norm: str,
-                     norm_eps: float, train: bool, precision: Any) -> jax.Array:
+                     norm_eps: float, train: bool, precision: Any,
+                     mask: Optional[jax.Array] = None) -> jax.Array:
   """The blocks `res{stage}_0 .. res{stage}_{num_blocks - 1}` of one stage, created as children of
   the calling compact module (the first block carries the stride and the projection shortcut).
-  width 0 builds BasicBlocks (ResNet-18/34) instead of bottlenecks.
+  width 0 builds BasicBlocks (ResNet-18/34) instead of bottlenecks. `mask` [N] bool: the samples
+  in the batch statistics of trainable BN (the C4 RoI head's padded RoI batch; layers.Norm).
 
   detectron2 `ResNet.make_stage(BottleneckBlock, num_blocks, stride_per_block=[stride, 1, ...])`.
   """
@@ -107,13 +111,13 @@ def bottleneck_stage(x: jax.Array, *, stage: int, num_blocks: int, width: int, o
       x = BasicBlock(
           out_channels=out_channels, stride=stride if b == 0 else 1,
           has_shortcut=b == 0 and (stride != 1 or x.shape[-1] != out_channels), norm=norm,
-          norm_eps=norm_eps, train=train, precision=precision, name=f"res{stage}_{b}")(x)
+          norm_eps=norm_eps, train=train, precision=precision, name=f"res{stage}_{b}")(x, mask)
     return x
   for b in range(num_blocks):
     x = Bottleneck(
         width=width, out_channels=out_channels, stride=stride if b == 0 else 1, groups=groups,
         stride_in_1x1=stride_in_1x1, dilation=dilation, has_shortcut=b == 0, norm=norm,
-        norm_eps=norm_eps, train=train, precision=precision, name=f"res{stage}_{b}")(x)
+        norm_eps=norm_eps, train=train, precision=precision, name=f"res{stage}_{b}")(x, mask)
   return x
 
 
@@ -204,9 +208,10 @@ class Res5Head(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+    """x [R, 14, 14, C]; mask [R] bool: the real RoIs (trainable BN statistics, layers.Norm)."""
     return bottleneck_stage(
         x, stage=5, num_blocks=3, width=stage_widths(self.groups, self.width_per_group)[3],
         out_channels=self.res2_out_channels * 8, stride=2, dilation=1, groups=self.groups,
         stride_in_1x1=self.stride_in_1x1, norm=self.norm, norm_eps=self.norm_eps,
-        train=self.train, precision=self.precision)
+        train=self.train, precision=self.precision, mask=mask)

@@ -103,7 +103,8 @@ def assign_levels(boxes, *, rule: str, min_level: int = 2, max_level: int = 5,
 def multilevel_roi_align(features: Sequence, boxes, batch_idx, *, level_rule: str, output_size,
                          sampling_ratio: int, aligned: bool, strides=(4, 8, 16, 32),
                          max_grid: int | None = None, valid=None, roi_chunk: int | None = None,
-                         impl: str = "auto", deterministic: bool = False):
+                         impl: str = "auto", deterministic: bool = False,
+                         canonical_box_size: float = 224.0):
   """Multi-level RoIAlign: mmdet SingleRoIExtractor / detectron2 ROIPooler / tv MultiScaleRoIAlign.
 
   Args:
@@ -121,6 +122,9 @@ def multilevel_roi_align(features: Sequence, boxes, batch_idx, *, level_rule: st
     max_grid: static bound of the adaptive grid (required for sampling_ratio 0; see
       `pallas_kernels.roi_align.reference`).
     valid: optional [K] bool; invalid RoIs give zeros (and no gradient).
+    canonical_box_size: sqrt(area) of a box pooled from P4 (224, every reference's value:
+      detectron2 / torchvision ROIPooler `canonical_box_size`; mmdet's `finest_scale` is a
+      quarter of it, 56). Smaller values send small RoIs to coarser levels (small images).
     roi_chunk, impl, deterministic: passed to `pallas_kernels.roi_align.roi_align_pyramid`
       (impl 'auto': the reference unless the Pallas kernels measured faster on this GPU, see
       `pallas_kernels.roi_align.AUTO_PALLAS_DEVICE_KINDS`; 'reference' | 'pallas' | 'interpret';
@@ -144,7 +148,9 @@ def multilevel_roi_align(features: Sequence, boxes, batch_idx, *, level_rule: st
     valid = jnp.asarray(valid, bool)
     boxes = jnp.where(valid[:, None], boxes, 0.0)
     batch_idx = jnp.where(valid, batch_idx, 0)
-  levels = assign_levels(boxes, rule=level_rule, min_level=min_level, max_level=max_level)
+  levels = assign_levels(boxes, rule=level_rule, min_level=min_level, max_level=max_level,
+                         canonical_box_size=canonical_box_size,
+                         finest_scale=canonical_box_size / 4)
   out = roi_align_lib.roi_align_pyramid(
       features, boxes, batch_idx, levels, spatial_scales=[1.0 / s for s in strides],
       output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned,

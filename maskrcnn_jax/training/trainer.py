@@ -224,6 +224,22 @@ def _progress_line(step: int, total: int, m: Dict[str, float], ips: float, eta: 
           f"{ips:.2f} img/s  ETA {_fmt_time(eta)}")
 
 
+def sampler_kwargs(train_config) -> Dict[str, Any]:
+  """config.train's sampler settings as `MaskRCNN.losses` keyword arguments (unset or 0 sizes
+  keep the references' 256 / 512; fractions must lie in (0, 1])."""
+  kwargs: Dict[str, Any] = {}
+  for key in ("rpn_batch_per_image", "roi_batch_per_image"):
+    if int(train_config.get(key, 0) or 0) > 0:
+      kwargs[key] = int(train_config[key])
+  for key in ("rpn_positive_fraction", "roi_positive_fraction"):
+    if train_config.get(key, None) is not None:
+      fraction = float(train_config[key])
+      if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train.{key} must be in (0, 1], got {train_config[key]!r}")
+      kwargs[key] = fraction
+  return kwargs
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after: Optional[int] = None, model: Any = None) -> Dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints), then evaluates.
@@ -309,9 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if not custom_model:
     if conventions_lib.get(config.convention).class_layout == "bg_first":
       loss_kwargs["category_ids"] = tuple(config.category_ids)
-    for key in ("rpn_batch_per_image", "roi_batch_per_image"):
-      if int(tc.get(key, 0) or 0) > 0:
-        loss_kwargs[key] = int(tc[key])
+    loss_kwargs.update(sampler_kwargs(tc))
   train_step = train_state_lib.make_train_step(
       model, tx, schedule, mesh, state, compute_dtype=compute_dtype, loss_kwargs=loss_kwargs)
 

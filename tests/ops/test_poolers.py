@@ -105,3 +105,34 @@ def test_rejects_bad_strides(golden):
     poolers.multilevel_roi_align(feats, jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32),
                                  level_rule="mmdet", output_size=7, sampling_ratio=2,
                                  aligned=False, strides=(4, 8, 16, 64))
+
+
+@pytest.mark.parametrize("rule", poolers.LEVEL_RULES)
+def test_canonical_box_size_moves_the_level_boundaries(rule):
+  """sqrt(area) 100 goes to P2 at the references' canonical 224 (100 < 112), to P4 at canonical
+  100 (level 4 + floor(log2(100 / 100))) and to P5 at 50; mmdet's finest_scale follows as
+  canonical / 4. Scaling the boxes and the canonical size together keeps every level."""
+  box = jnp.asarray([[10.0, 20.0, 110.0, 120.0]])
+  level = lambda c: int(poolers.assign_levels(box, rule=rule, canonical_box_size=c,
+                                              finest_scale=c / 4)[0])
+  assert [level(224.0), level(100.0), level(50.0)] == [0, 2, 3]
+  boxes = jnp.asarray(np.random.RandomState(0).uniform(0, 600, (200, 2)).repeat(2, 1)
+                      * np.array([1, 1, 1.3, 1.7]) + np.array([0, 0, 5, 5]), jnp.float32)
+  np.testing.assert_array_equal(
+      poolers.assign_levels(boxes * 4, rule=rule, canonical_box_size=896.0, finest_scale=224.0),
+      poolers.assign_levels(boxes, rule=rule))
+
+
+def test_multilevel_roi_align_uses_the_canonical_box_size(golden):
+  """With canonical 100 a 100 px box is pooled from P4, exactly as single-level RoIAlign there."""
+  feats = _features(golden)
+  box = jnp.asarray([[4.0, 8.0, 104.0, 108.0]])
+  bidx = jnp.zeros((1,), jnp.int32)
+  kw = dict(level_rule="detectron2", output_size=7, sampling_ratio=2, aligned=True)
+  out = poolers.multilevel_roi_align(feats, box, bidx, canonical_box_size=100.0, **kw)
+  default = poolers.multilevel_roi_align(feats, box, bidx, **kw)
+  p4_only = poolers.multilevel_roi_align(feats[2:3], box, bidx, strides=(16,), **kw)
+  p2_only = poolers.multilevel_roi_align(feats[0:1], box, bidx, strides=(4,), **kw)
+  np.testing.assert_array_equal(out, p4_only)
+  np.testing.assert_array_equal(default, p2_only)
+  assert np.abs(np.asarray(out) - np.asarray(default)).max() > 1e-3
