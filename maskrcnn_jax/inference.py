@@ -7,7 +7,7 @@ the convention's paste algorithm and threshold (parity_spec 3.13).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import jax
 import jax.numpy as jnp

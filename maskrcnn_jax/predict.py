@@ -14,7 +14,6 @@ import time
 
 from absl import app, flags
 from ml_collections import config_flags
-import numpy as np
 
 from maskrcnn_jax import inference
 from maskrcnn_jax.checkpoints import orbax_io

@@ -14,21 +14,18 @@ scores within 1e-3, mask IoU >= 0.98 per instance.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from pycocotools import mask as mask_util
 
 from maskrcnn_jax import config_lib, convert, inference
-from maskrcnn_jax.checkpoints import synthetic
 from maskrcnn_jax.data import transforms
-from maskrcnn_jax.modeling.mask_rcnn import LEVELS, MaskRCNN, ModelConfig
+from maskrcnn_jax.modeling.mask_rcnn import LEVELS, ModelConfig
 from maskrcnn_jax.ops import paste as paste_lib
+from tests import parity_common as pc
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -44,17 +41,6 @@ MODELS = {
 }
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """[N, 4] x [M, 4] xyxy -> [N, M] IoU in float64 (test-side arithmetic)."""
-  a = a.astype(np.float64)[:, None]
-  b = b.astype(np.float64)[None]
-  iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-  ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-  inter = iw * ih
-  area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
-  return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
-
-
 def d2_adaptive_grid(boxes: np.ndarray, output_size: int, arch: str) -> np.ndarray:
   """Samples per bin axis of detectron2's ROIAlignV2 (sampling_ratio 0) on the RoI's feature map
   (FPN: its level; C4 / DC5: the stride-16 map)."""
@@ -68,10 +54,6 @@ def d2_adaptive_grid(boxes: np.ndarray, output_size: int, arch: str) -> np.ndarr
                     np.ceil((b[:, 2] - b[:, 0]) / stride / output_size)).astype(np.int64)
 
 
-def sha256(a: np.ndarray) -> str:
-  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
 def fixture_image_bgr(fx, name: str) -> np.ndarray:
   """The fixture image as detectron2's decoder gives it (BGR), regenerated from scikit-image."""
   import skimage.data  # pylint: disable=g-import-not-at-top
@@ -79,9 +61,7 @@ def fixture_image_bgr(fx, name: str) -> np.ndarray:
   img = getattr(skimage.data, base)()
   if crop is not None:
     img = img[crop[0]:crop[1], crop[2]:crop[3]]
-  img = np.ascontiguousarray(img)
-  if sha256(img) != str(fx[f"{name}/image_sha256"]):
-    pytest.skip(f"skimage.data.{base}() differs from the fixture's image (other scikit-image?)")
+  img = pc.checked_image(fx, name, img, f"skimage.data.{base}()")
   return np.ascontiguousarray(img[:, :, ::-1])
 
 
@@ -92,12 +72,7 @@ def setup(request):
   if not path.exists():
     pytest.skip(f"{path} missing (generate with scripts/make_parity_fixtures_d2.py)")
   fx = np.load(path)
-  keys = synthetic.read_key_tsv(FIXTURES / "checkpoint_keys" / keys_file)
-  state = synthetic.state_dict_from_fixture(fx, keys)
-  # The numpy RNG stream must be the one the fixture was generated with.
-  for name, total in zip(fx["checksum_names"], fx["checksum_sums"]):
-    assert float(state[str(name)].astype(np.float64).sum()) == pytest.approx(total, rel=1e-9), (
-        f"regenerated {name} differs from the fixture: numpy's RNG stream changed?")
+  state = pc.regenerated_state(fx, FIXTURES / "checkpoint_keys" / keys_file)
   config = config_lib.load_config_file(str(ROOT / "configs" / "detectron2" / f"{recipe}.py"))
   # The reference ran on CPU, where torchvision's batched_nms (which detectron2 calls) loops over
   # classes/levels (no coordinate-offset trick) above 1000 boxes: the RPN (~4000 boxes) and, on all
@@ -111,7 +86,7 @@ def setup(request):
   box_pool = ModelConfig.from_config(config).box_pool_size
   need = max(max(d2_adaptive_grid(fx[f"{n}/proposals"], box_pool, arch).max(),
                  d2_adaptive_grid(fx[f"{n}/det/boxes_resized"], 14, arch).max())
-             for n in image_names(fx))
+             for n in pc.image_names(fx))
   config.model.roi_align_max_grid = max(int(need), int(config.model.roi_align_max_grid))
   variables, _ = convert.convert_state_dict(config, state)
   predictor = inference.Predictor(config, jax.device_put(variables),
@@ -119,31 +94,15 @@ def setup(request):
   return fx, config, predictor
 
 
-def image_names(fx):
-  return [str(n) for n in fx["image_names"]]
-
-
-def run_stages(predictor, batch):
-  model = predictor.model
-
-  def stages(mdl: MaskRCNN, images):
-    feats = mdl.features(images)
-    logits, deltas = mdl.rpn_outputs(feats)
-    return feats, logits, deltas
-
-  images = jnp.asarray(batch["image"])[None]
-  return jax.jit(lambda v, x: model.apply(v, x, method=stages))(predictor.variables, images)
-
-
 def test_resize_matches_detectron2(setup):
   """detectron2's ResizeShortestEdge (PIL bilinear on the BGR uint8 image), bit for bit."""
   fx, _, _ = setup
-  for name in image_names(fx):
+  for name in pc.image_names(fx):
     image = fixture_image_bgr(fx, name)
     hw = transforms.test_resize_size(*image.shape[:2], rule="detectron2", short=800, max_size=1333)
     assert hw == tuple(fx[f"{name}/resized_hw"]), name
     resized = transforms.resize_image(image, hw, rule="detectron2")
-    assert sha256(resized) == str(fx[f"{name}/resized_sha256"]), f"{name}: resized pixels differ"
+    assert pc.sha256(resized) == str(fx[f"{name}/resized_sha256"]), f"{name}: resized pixels differ"
 
 
 def feature_keys(fx, config):
@@ -161,55 +120,31 @@ def test_parity_stage_by_stage(setup):
   fx, config, predictor = setup
   levels = feature_keys(fx, config)
   report = []
-  for name in image_names(fx):
+  for name in pc.image_names(fx):
     p = f"{name}/"
     image = fixture_image_bgr(fx, name)
     batch = inference.preprocess_image(image, config)
 
     # 1. Preprocessed tensor: sizes exactly, values to float32 rounding.
-    assert tuple(batch["image_hw"]) == tuple(fx[p + "resized_hw"]), name
-    assert batch["image"].shape[:2] == tuple(fx[p + "padded_hw"]), name
-    pos = fx[p + "input/sample_yxc"]
-    np.testing.assert_allclose(batch["image"][pos[:, 0], pos[:, 1], pos[:, 2]],
-                               fx[p + "input/sample_values"], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(batch["image"].astype(np.float64).sum((0, 1)),
-                               fx[p + "input/channel_sums"], rtol=1e-6)
+    pc.check_input(batch, fx, p, atol=1e-4, sum_rtol=1e-6)
 
     # 2-3. Features (FPN levels / res4 / res5) and RPN head outputs.
-    feats, logits, deltas = run_stages(predictor, batch)
+    feats, logits, deltas = pc.run_stages(predictor, batch)
     assert list(feats) == [ours for _, ours, _ in levels]
-    for key, ours, _ in levels:
-      f = np.asarray(feats[ours][0])
-      q = f"{p}{key}/"
-      assert f.shape[:2] == tuple(fx[q + "hw"]), (name, ours)
-      ref = fx[q + "sample_values"]
-      pos = fx[q + "sample_yxc"]
-      err = np.abs(f[pos[:, 0], pos[:, 1], pos[:, 2]] - ref).max() / float(np.abs(ref).max())
-      assert err < 1e-4, f"{name} {ours}: max relative error {err:.2e}"
-      report.append(f"{name} {ours} rel err {err:.1e}")
     rpn_err = 0.0
     for (key, ours, a), lg, dl in zip(levels, logits, deltas):
-      h, w = fx[f"{p}{key}/hw"]
-      lg = np.asarray(lg[0]).reshape(h, w, a)
-      dl = np.asarray(dl[0]).reshape(h, w, 4 * a)
-      q = f"{p}rpn/{key.split('/')[-1]}/"
-      yx = fx[q + "sample_yx"]
-      for ours_out, out_key in ((lg, "objectness"), (dl, "deltas")):
-        ref = fx[q + out_key]
-        err = np.abs(ours_out[yx[:, 0], yx[:, 1]] - ref).max() / float(np.abs(ref).max())
-        assert err < 1e-4, f"{name} rpn {ours} {out_key}: max relative error {err:.2e}"
-        rpn_err = max(rpn_err, err)
+      err = pc.feature_rel_err(np.asarray(feats[ours][0]), fx, f"{p}{key}/", 1e-4, f"{name} {ours}")
+      report.append(f"{name} {ours} rel err {err:.1e}")
+      rpn_err = max(rpn_err, pc.rpn_rel_errs(
+          lg[0], dl[0], fx[f"{p}{key}/hw"], a, fx, f"{p}rpn/{key.split('/')[-1]}/", 1e-4,
+          f"{name} rpn {ours}"))
     report.append(f"{name} rpn head max rel err {rpn_err:.1e}")
 
     # 4. Proposals, as sets (exact logit ties may order differently); the logits of matched pairs.
     raw = predictor.raw(batch)
-    props = jax.jit(lambda v, f, hw: predictor.model.apply(
-        v, f, hw, method=lambda m, f_, hw_: m.proposals(f_, hw_)))(
-            predictor.variables, feats, jnp.asarray(batch["image_hw"])[None])
-    valid = np.asarray(props[2][0])
-    ours, ours_logits = np.asarray(props[0][0])[valid], np.asarray(props[1][0])[valid]
+    ours, ours_logits = pc.proposals(predictor, feats, batch)
     ref = fx[p + "proposals"]
-    iou = box_iou(ref, ours)
+    iou = pc.box_iou(ref, ours)
     matched = (iou.max(1) > 0.99).mean()
     assert len(ours) == len(ref) and matched >= 0.99, f"{name}: proposals matched {matched:.3f}"
     ok = iou.max(1) > 0.99
@@ -218,74 +153,38 @@ def test_parity_stage_by_stage(setup):
     report.append(f"{name} proposals matched {matched:.4f}, logit err {logit_err:.1e}")
 
     # 5. Box head on the reference's own first 200 proposals.
-    ref_props = jnp.asarray(fx[p + "proposals"][:200])[None]
-    cls, reg = jax.jit(lambda v, f, b: predictor.model.apply(
-        v, f, b, jnp.ones(b.shape[:2], bool), method=lambda m, f_, b_, v_: m.box_branch(f_, b_, v_)))(
-            predictor.variables, feats, ref_props)
-    np.testing.assert_allclose(np.asarray(cls[0]), fx[p + "box_head/class_logits"], atol=2e-3,
-                               rtol=1e-3)
-    np.testing.assert_allclose(np.asarray(reg[0]).reshape(200, -1), fx[p + "box_head/box_regression"],
-                               atol=2e-3, rtol=1e-3)
+    cls, reg = pc.box_head_on(predictor, feats, fx[p + "proposals"][:200])
+    np.testing.assert_allclose(cls, fx[p + "box_head/class_logits"], atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(reg, fx[p + "box_head/box_regression"], atol=2e-3, rtol=1e-3)
     report.append(f"{name} box head max abs err: class logits "
-                  f"{np.abs(np.asarray(cls[0]) - fx[p + 'box_head/class_logits']).max():.1e}, "
-                  f"deltas {np.abs(np.asarray(reg[0]).reshape(200, -1) - fx[p + 'box_head/box_regression']).max():.1e}")
+                  f"{np.abs(cls - fx[p + 'box_head/class_logits']).max():.1e}, "
+                  f"deltas {np.abs(reg - fx[p + 'box_head/box_regression']).max():.1e}")
 
     # 6. Mask head on the reference's own detection boxes (resized coordinates) and classes.
-    ref_rois = jnp.asarray(fx[p + "det/boxes_resized"])[None]
-    ref_labels = jnp.asarray(fx[p + "det/labels"])[None]
-    ml, _ = jax.jit(lambda v, f, b, lab: predictor.model.apply(
-        v, f, b, lab, jnp.ones(b.shape[:2], bool),
-        method=lambda m, f_, b_, l_, v_: m.mask_branch(f_, b_, l_, v_)))(
-            predictor.variables, feats, ref_rois, ref_labels)
+    ml, _ = pc.mask_head_on(predictor, feats, fx[p + "det/boxes_resized"], fx[p + "det/labels"])
     ref_ml = fx[p + "det/mask_logits"]
-    ml_err = np.abs(np.asarray(ml[0]) - ref_ml).max() / float(np.abs(ref_ml).max())
+    ml_err = np.abs(ml - ref_ml).max() / float(np.abs(ref_ml).max())
     assert ml_err < 1e-4, f"{name}: mask logits max relative error {ml_err:.2e}"
     report.append(f"{name} mask logits rel err {ml_err:.1e}")
 
-    # 7. Final detections: same set, scores within 1e-3, masks IoU >= 0.98.
+    # 7. Final detections: same set (NMS near-ties explained, pc.match_detections), scores within
+    # 1e-3, masks IoU >= 0.98.
     assert int(fx[p + "det/num_candidates"]) > 1000, "reference NMS used the coordinate trick"
     keep = raw["valid"]
-    boxes, scores, labels = raw["boxes"][keep], raw["scores"][keep], raw["labels"][keep]
-    ref_boxes, ref_scores, ref_labels = fx[p + "det/boxes"], fx[p + "det/scores"], fx[p + "det/labels"]
-    assert len(boxes) == len(ref_boxes), f"{name}: {len(boxes)} vs {len(ref_boxes)} detections"
-    iou = box_iou(ref_boxes, boxes)
-    iou[ref_labels[:, None] != labels[None, :]] = 0
-    # A detection whose IoU with a higher-scoring one of its class lies within 1e-3 of the NMS
-    # threshold flips with float32 noise (the reference itself flips such a pair when run in float64:
-    # astronaut's reference detection 83, IoU 0.49994 with detection 66); a detection at the tail of
-    # the 100 then takes or leaves its place. Such pairs are allowed (at most 2 % of the
-    # detections), each one explained by a near-threshold IoU or a tail score.
-    resized_boxes = boxes * np.tile(fx[p + "resized_hw"][::-1] / fx[p + "image_hw"][::-1], 2)
-    ref_un = np.flatnonzero(iou.max(1) < 0.99)
-    our_un = np.flatnonzero(iou.max(0) < 0.99)
-    explained = lambda b, s, l, i, other_min: s[i] <= other_min + 1e-3 or (np.abs(
-        box_iou(b[i:i + 1], b)[0][(l == l[i]) & (s > s[i])] - 0.5) < 1e-3).any()
-    for i in ref_un:
-      assert explained(fx[p + "det/boxes_resized"], ref_scores, ref_labels, i, scores.min()), (
-          f"{name}: reference detection {i} unmatched")
-    for j in our_un:
-      assert explained(resized_boxes, scores, labels, j, ref_scores.min()), (
-          f"{name}: our detection {j} unmatched")
-    assert len(ref_un) == len(our_un) <= max(1, len(ref_boxes) // 50), (
-        f"{name}: unmatched detections: reference {ref_un}, ours {our_un}")
-    ref_ok = np.flatnonzero(iou.max(1) >= 0.99)
-    match = iou[ref_ok].argmax(1)
-    assert len(set(match.tolist())) == len(match), f"{name}: two references matched one detection"
-    score_err = np.abs(scores[match] - ref_scores[ref_ok]).max()
-    assert score_err <= 1e-3, f"{name}: score error {score_err}"
+    ref_boxes = fx[p + "det/boxes"]
+    resized_boxes = raw["boxes"][keep] * np.tile(fx[p + "resized_hw"][::-1] / fx[p + "image_hw"][::-1], 2)
+    m = pc.match_detections(name, raw, ref_boxes, fx[p + "det/scores"], fx[p + "det/labels"],
+                            near_ties=(fx[p + "det/boxes_resized"], resized_boxes))
     masks = inference.paste_masks(raw["mask_probs"][keep], raw["paste_boxes"][keep], image.shape[:2],
                                   config.convention)
-    ref_rles = [{"size": [int(image.shape[0]), int(image.shape[1])], "counts": str(c)}
-                for c in fx[p + "det/mask_rle_coco"]]
-    ref_masks = mask_util.decode(ref_rles).astype(bool)
-    mask_iou = lambda a, b: 1.0 if not (a | b).any() else (a & b).sum() / (a | b).sum()
+    ref_masks = pc.decode_rles(fx[p + "det/mask_rle_coco"], image.shape[:2])
     # The paste alone, on the reference's own probabilities and boxes: exact up to sigmoid ulps.
-    ref_probs = (1.0 / (1.0 + np.exp(-fx[p + "det/mask_logits"].astype(np.float64)))).astype(np.float32)
-    own = inference.paste_masks(ref_probs, ref_boxes, image.shape[:2], config.convention)
-    paste_diff = [int((ref_masks[..., i] != m).sum()) for i, m in enumerate(own)]
-    assert max(paste_diff) <= 2, f"{name}: paste of the reference's masks differs by {max(paste_diff)} px"
-    mask_ious = [mask_iou(ref_masks[..., i], masks[j]) for i, j in zip(ref_ok, match)]
-    pixel_diff = sum(int((ref_masks[..., i] != masks[j]).sum()) for i, j in zip(ref_ok, match))
+    ref_probs = pc.sigmoid32(fx[p + "det/mask_logits"])
+    paste_diff = pc.reference_paste_diff(
+        name, lambda pr, bx: inference.paste_masks(pr, bx, image.shape[:2], config.convention),
+        ref_probs, ref_boxes, ref_masks)
+    mask_ious = [pc.mask_iou(ref_masks[..., i], masks[j]) for i, j in zip(m.ref_ok, m.match)]
+    pixel_diff = sum(int((ref_masks[..., i] != masks[j]).sum()) for i, j in zip(m.ref_ok, m.match))
     # A small mask can fall below IoU 0.98 through a few pixels whose probability sits at the 0.5
     # threshold: our box differs from the reference's by ~0.01 px (float32 summation order in the
     # box head; DC5's fc1 sums 100352 products), which moves the paste grid by ~1e-3 mask cells.
@@ -293,7 +192,7 @@ def test_parity_stage_by_stage(setup):
     # reference soft value (the reference's own probabilities pasted at its own box) within 0.02
     # of the threshold: a threshold tie, not a different mask. DC5 coffee: a 201-px mask with 6
     # such pixels (|p - 0.5| <= 0.005) has IoU 0.971.
-    low = [(k, i, j) for k, (i, j) in enumerate(zip(ref_ok, match)) if mask_ious[k] < 0.98]
+    low = [(k, i, j) for k, (i, j) in enumerate(zip(m.ref_ok, m.match)) if mask_ious[k] < 0.98]
     for k, i, j in low:
       differ = ref_masks[..., i] != masks[j]
       _, _, soft = paste_lib.paste_mask_grid_sample_soft(ref_probs[i], ref_boxes[i],
@@ -301,12 +200,11 @@ def test_parity_stage_by_stage(setup):
       margin = float(np.abs(soft[differ] - 0.5).max())
       assert margin < 0.02, (f"{name}: detection {i} mask IoU {mask_ious[k]:.4f} with pixels "
                              f"{margin:.3f} away from the threshold")
-    assert len(low) <= max(1, len(ref_ok) // 50), f"{name}: {len(low)} masks below IoU 0.98"
-    report.append(f"{name}: {len(ref_ok)}/{len(ref_boxes)} dets matched (NMS near-ties: reference "
-                  f"{ref_un.tolist()}, ours {our_un.tolist()}), max score err {score_err:.1e}, "
-                  f"min box IoU {iou.max(1)[ref_ok].min():.5f}, max box err "
-                  f"{np.abs(boxes[match] - ref_boxes[ref_ok]).max():.1e} px, min mask IoU "
+    assert len(low) <= max(1, len(m.ref_ok) // 50), f"{name}: {len(low)} masks below IoU 0.98"
+    report.append(f"{name}: {len(m.ref_ok)}/{len(ref_boxes)} dets matched (NMS near-ties: "
+                  f"reference {m.ref_un.tolist()}, ours {m.our_un.tolist()}), max score err "
+                  f"{m.score_err:.1e}, min box IoU {m.iou.max(1)[m.ref_ok].min():.5f}, max box err "
+                  f"{np.abs(m.boxes[m.match] - ref_boxes[m.ref_ok]).max():.1e} px, min mask IoU "
                   f"{min(mask_ious):.4f} ({len(low)} below 0.98 by threshold ties), {pixel_diff} "
-                  f"mask pixels differ in all; paste of the "
-                  f"reference's masks: {sum(paste_diff)} px differ")
+                  f"mask pixels differ in all; paste of the reference's masks: {paste_diff} px differ")
   print("\n".join(report))

@@ -22,20 +22,17 @@ Two reference detection sets (see the generator's docstring):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
-from pycocotools import mask as mask_util
 
 from maskrcnn_jax import config_lib, convert, inference
-from maskrcnn_jax.checkpoints import synthetic
-from maskrcnn_jax.modeling.mask_rcnn import LEVELS, MaskRCNN
+from maskrcnn_jax.modeling.mask_rcnn import LEVELS
+from tests import parity_common as pc
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -55,22 +52,11 @@ CASES = {
 }
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """[N, 4] x [M, 4] xyxy -> [N, M] IoU in float64 (test-side arithmetic)."""
-  a = a.astype(np.float64)[:, None]
-  b = b.astype(np.float64)[None]
-  iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-  ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-  inter = iw * ih
-  area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
-  return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
-
-
 def required_grid(fx) -> int:
   """Largest adaptive RoIAlign grid ceil(side / stride / pooled) among the reference's RoIs:
   the proposals (7x7 box pooling) and the mask RoIs (14x14), with mmdet's level rule."""
   need = 0
-  for name in [str(n) for n in fx["image_names"]]:
+  for name in pc.image_names(fx):
     for key, pooled in (("proposals", 7), ("det_v2/mask_rois", 14), ("det/boxes_resized", 14)):
       b = fx[f"{name}/{key}"].astype(np.float64)
       w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
@@ -87,12 +73,7 @@ def fixture_image_rgb(fx, name: str) -> np.ndarray:
   img = getattr(skimage.data, base)()
   if crop is not None:
     img = img[slice(*crop[0]), slice(*crop[1])]
-  img = np.ascontiguousarray(img)
-  digest = hashlib.sha256(img.tobytes()).hexdigest()
-  if digest != str(fx[f"{name}/image_sha256"]):
-    pytest.skip(f"skimage.data.{base}() differs from the fixture's image (sha256 {digest[:12]}); "
-                "another scikit-image / imageio / Pillow decodes it differently")
-  return img
+  return pc.checked_image(fx, name, img, f"skimage.data.{base}()")
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -102,11 +83,7 @@ def setup(request):
   if not path.exists():
     pytest.skip(f"{path} missing (generate with scripts/make_parity_fixtures_mmdet.py)")
   fx = np.load(path)
-  keys = synthetic.read_key_tsv(KEY_DIR / keys_file)
-  state = synthetic.state_dict_from_fixture(fx, keys)
-  for name, total in zip(fx["checksum_names"], fx["checksum_sums"]):
-    assert float(state[str(name)].astype(np.float64).sum()) == pytest.approx(total, rel=1e-9), (
-        f"regenerated {name} differs from the fixture: numpy's RNG stream changed?")
+  state = pc.regenerated_state(fx, KEY_DIR / keys_file)
   config = config_lib.load_config_file(str(ROOT / config_path))
   # mmcv's batched_nms always applies the coordinate-offset trick (its split branch above
   # split_thr=10000 offsets too), so the mmdet convention default (trick on) is what ran.
@@ -124,73 +101,41 @@ def setup(request):
   return request.param, fx, config, predictor, feat_rtol
 
 
-def run_stages(predictor, batch):
-  def stages(mdl: MaskRCNN, images):
-    feats = mdl.features(images)
-    logits, deltas = mdl.rpn_outputs(feats)
-    return feats, logits, deltas
-
-  images = jnp.asarray(batch["image"])[None]
-  return jax.jit(lambda v, x: predictor.model.apply(v, x, method=stages))(predictor.variables, images)
-
-
 def compare_detections(tag, fx, p, raw, image_hw, config, report, mask_scoring, nms_boxes):
   """Our final detections vs one reference set (`p` = '<img>/det/' or '<img>/det_v2/').
 
-  nms_boxes: the reference boxes in the coordinates its class-wise NMS ran in (original for the v2
-  order, resized for mmdet 3.3); `to_nms` maps our (original-coordinate) boxes there.
+  nms_boxes: (the reference boxes in the coordinates its class-wise NMS ran in: original for the
+  v2 order, resized for mmdet 3.3; the scale factor (w, h) that maps our original-coordinate
+  boxes there, or None), for the near-tie explanations of pc.match_detections.
   """
+  ref_boxes = fx[p + "boxes"]
   keep = raw["valid"]
-  boxes, scores, labels = raw["boxes"][keep], raw["scores"][keep], raw["labels"][keep]
-  ref_boxes, ref_scores, ref_labels = fx[p + "boxes"], fx[p + "scores"], fx[p + "labels"]
-  assert len(boxes) == len(ref_boxes), f"{tag}: {len(boxes)} vs {len(ref_boxes)} detections"
-  iou = box_iou(ref_boxes, boxes)
-  iou[ref_labels[:, None] != labels[None, :]] = 0
-  # As in test_parity_detectron2: a detection whose IoU with a higher-scoring one of its class lies
-  # within 1e-3 of the NMS threshold flips with float32 noise, and a detection at the tail of the
-  # 100 (within the 1e-3 score tolerance of the other side's last score) takes or leaves its
-  # place. Such pairs are allowed (at most 2 % of the detections), each one explained.
-  ours_nms = boxes * np.tile(nms_boxes[1], 2) if nms_boxes[1] is not None else boxes
-  explained = lambda b, s, l, i, other_min: s[i] <= other_min + 1e-3 or (np.abs(
-      box_iou(b[i:i + 1], b)[0][(l == l[i]) & (s > s[i])] - 0.5) < 1e-3).any()
-  ref_un = np.flatnonzero(iou.max(1) < 0.99)
-  our_un = np.flatnonzero(iou.max(0) < 0.99)
-  for i in ref_un:
-    assert explained(nms_boxes[0], ref_scores, ref_labels, i, scores.min()), (
-        f"{tag}: reference detection {i} unmatched")
-  for j in our_un:
-    assert explained(ours_nms, scores, labels, j, ref_scores.min()), f"{tag}: our detection {j} unmatched"
-  assert len(ref_un) == len(our_un) <= max(1, len(ref_boxes) // 50), (
-      f"{tag}: unmatched detections: reference {ref_un}, ours {our_un}")
-  ref_ok = np.flatnonzero(iou.max(1) >= 0.99)
-  match = iou[ref_ok].argmax(1)
-  assert len(set(match.tolist())) == len(match), f"{tag}: two references matched one detection"
-  score_err = np.abs(scores[match] - ref_scores[ref_ok]).max()
-  assert score_err <= 1e-3, f"{tag}: score error {score_err}"
-  box_err = np.abs(boxes[match] - ref_boxes[ref_ok]).max()
+  ours_nms = raw["boxes"][keep]
+  if nms_boxes[1] is not None:
+    ours_nms = ours_nms * np.tile(nms_boxes[1], 2)
+  m = pc.match_detections(tag, raw, ref_boxes, fx[p + "scores"], fx[p + "labels"],
+                          near_ties=(nms_boxes[0], ours_nms))
+  box_err = np.abs(m.boxes[m.match] - ref_boxes[m.ref_ok]).max()
   masks = inference.paste_masks(raw["mask_probs"][keep], raw["paste_boxes"][keep], image_hw,
                                 config.convention)
-  ref_rles = [{"size": [int(image_hw[0]), int(image_hw[1])], "counts": str(c)}
-              for c in fx[p + "mask_rle_coco"]]
-  ref_masks = mask_util.decode(ref_rles).astype(bool)
-  mask_iou = lambda a, b: 1.0 if not (a | b).any() else (a & b).sum() / (a | b).sum()
-  ious = [mask_iou(ref_masks[..., i], masks[j]) for i, j in zip(ref_ok, match)]
-  exact = sum(np.array_equal(ref_masks[..., i], masks[j]) for i, j in zip(ref_ok, match))
+  ref_masks = pc.decode_rles(fx[p + "mask_rle_coco"], image_hw)
+  pairs = list(zip(m.ref_ok, m.match))
+  ious = [pc.mask_iou(ref_masks[..., i], masks[j]) for i, j in pairs]
+  exact = sum(np.array_equal(ref_masks[..., i], masks[j]) for i, j in pairs)
   assert min(ious) >= 0.98, f"{tag}: worst mask IoU {min(ious):.4f}"
-  line = (f"{tag}: {len(ref_ok)}/{len(ref_boxes)} dets matched (near-ties: reference "
-          f"{ref_un.tolist()}, ours {our_un.tolist()}), max score err {score_err:.1e}, max box err "
-          f"{box_err:.1e} px, min box IoU {iou.max(1)[ref_ok].min():.5f}, min mask IoU {min(ious):.4f}, "
-          f"{exact}/{len(ref_ok)} masks pixel-identical")
+  line = (f"{tag}: {len(m.ref_ok)}/{len(ref_boxes)} dets matched (near-ties: reference "
+          f"{m.ref_un.tolist()}, ours {m.our_un.tolist()}), max score err {m.score_err:.1e}, max "
+          f"box err {box_err:.1e} px, min box IoU {m.iou.max(1)[m.ref_ok].min():.5f}, min mask IoU "
+          f"{min(ious):.4f}, {exact}/{len(m.ref_ok)} masks pixel-identical")
   if p.endswith("det_v2/"):
     # The paste alone, on the reference's own probabilities and (det * sf) / sf boxes.
     sf = np.tile(fx[p[:-len("det_v2/")] + "scale_factor"], 2)
-    probs = (1.0 / (1.0 + np.exp(-fx[p + "mask_logits"].astype(np.float64)))).astype(np.float32)
-    own = inference.paste_masks(probs, fx[p + "mask_rois"] / sf, image_hw, config.convention)
-    paste_diff = [int((ref_masks[..., i] != m).sum()) for i, m in enumerate(own)]
-    assert max(paste_diff) <= 2, f"{tag}: paste of the reference's masks differs by {max(paste_diff)} px"
-    line += f"; paste of the reference's masks: {sum(paste_diff)} px differ"
+    paste_diff = pc.reference_paste_diff(
+        tag, lambda pr, bx: inference.paste_masks(pr, bx, image_hw, config.convention),
+        pc.sigmoid32(fx[p + "mask_logits"]), fx[p + "mask_rois"] / sf, ref_masks)
+    line += f"; paste of the reference's masks: {paste_diff} px differ"
   if mask_scoring:
-    ms_err = np.abs(raw["mask_scores"][keep][match] - fx[p + "mask_scores"][ref_ok]).max()
+    ms_err = np.abs(raw["mask_scores"][keep][m.match] - fx[p + "mask_scores"][m.ref_ok]).max()
     assert ms_err <= 1e-3, f"{tag}: mask score error {ms_err}"
     line += f", max mask-score err {ms_err:.1e}"
   report.append(line)
@@ -202,7 +147,7 @@ def test_parity_stage_by_stage(setup):
   levels = [str(n) for n in fx["level_names"]]
   report = [f"[{which}] RoIAlign max_grid {config.model.roi_align_max_grid} (the fixture's RoIs need "
             f"up to {required_grid(fx)}; recipe default 8)"]
-  for name in [str(n) for n in fx["image_names"]]:
+  for name in pc.image_names(fx):
     p = f"{name}/"
     rgb = fixture_image_rgb(fx, name)
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])      # mmdet decodes with cv2: BGR
@@ -210,81 +155,46 @@ def test_parity_stage_by_stage(setup):
 
     # 1. Preprocessed tensor: sizes and scale factor exactly, values to float32 rounding (mmdet 3
     # divides by std in torch; v2 and we multiply by the float64 reciprocal: <= 1 ulp apart).
-    assert tuple(batch["image_hw"]) == tuple(fx[p + "resized_hw"]), name
-    assert batch["image"].shape[:2] == tuple(fx[p + "padded_hw"]), name
     np.testing.assert_array_equal(np.asarray(batch["scale_factor"], np.float32), fx[p + "scale_factor"])
-    pos = fx[p + "input/sample_yxc"]
-    in_err = np.abs(batch["image"][pos[:, 0], pos[:, 1], pos[:, 2]] - fx[p + "input/sample_values"]).max()
-    assert in_err <= 1e-5, f"{name}: input error {in_err}"
-    np.testing.assert_allclose(batch["image"].astype(np.float64).sum((0, 1)),
-                               fx[p + "input/channel_sums"], rtol=1e-5)
+    in_err = pc.check_input(batch, fx, p, atol=1e-5, sum_rtol=1e-5)
 
     # 2-3. FPN levels and RPN head outputs.
-    feats, logits, deltas = run_stages(predictor, batch)
-    fpn_errs = []
-    for ours_name, lv in zip(LEVELS, levels):
-      f = np.asarray(feats[ours_name][0])
-      q = f"{p}fpn/{lv}/"
-      assert f.shape[:2] == tuple(fx[q + "hw"]), (name, ours_name)
-      ref = fx[q + "sample_values"]
-      pos = fx[q + "sample_yxc"]
-      err = np.abs(f[pos[:, 0], pos[:, 1], pos[:, 2]] - ref).max() / float(np.abs(ref).max())
-      assert err < feat_rtol, f"{name} {ours_name}: max relative error {err:.2e}"
-      fpn_errs.append(err)
-    rpn_errs = []
-    for lvl, (lg, dl) in enumerate(zip(logits, deltas)):
-      h, w = fx[f"{p}fpn/{levels[lvl]}/hw"]
-      lg = np.asarray(lg[0]).reshape(h, w, 3)
-      dl = np.asarray(dl[0]).reshape(h, w, 12)
-      q = f"{p}rpn/{levels[lvl]}/"
-      yx = fx[q + "sample_yx"]
-      for ours, key in ((lg, "objectness"), (dl, "deltas")):
-        ref = fx[q + key]
-        err = np.abs(ours[yx[:, 0], yx[:, 1]] - ref).max() / float(np.abs(ref).max())
-        assert err < feat_rtol, f"{name} rpn {levels[lvl]} {key}: max relative error {err:.2e}"
-        rpn_errs.append(err)
+    feats, logits, deltas = pc.run_stages(predictor, batch)
+    fpn_errs, rpn_errs = [], []
+    for lvl, (ours_name, lv) in enumerate(zip(LEVELS, levels)):
+      fpn_errs.append(pc.feature_rel_err(np.asarray(feats[ours_name][0]), fx, f"{p}fpn/{lv}/",
+                                         feat_rtol, f"{name} {ours_name}"))
+      rpn_errs.append(pc.rpn_rel_errs(logits[lvl][0], deltas[lvl][0], fx[f"{p}fpn/{lv}/hw"], 3,
+                                      fx, f"{p}rpn/{lv}/", feat_rtol, f"{name} rpn {lv}"))
     report.append(f"[{which}] {name}: input err {in_err:.1e}, FPN rel err max {max(fpn_errs):.1e}, "
                   f"RPN rel err max {max(rpn_errs):.1e}")
 
     # 4. Proposals, as sets (mmcv's CPU NMS orders exact score ties with torch's unstable sort).
-    image_hw = jnp.asarray(batch["image_hw"])[None]
-    props = jax.jit(lambda v, f, hw: predictor.model.apply(
-        v, f, hw, method=lambda m, f_, hw_: m.proposals(f_, hw_)))(predictor.variables, feats, image_hw)
-    ours = np.asarray(props[0][0])[np.asarray(props[2][0])]
+    ours, ours_scores = pc.proposals(predictor, feats, batch)
     ref = fx[p + "proposals"]
-    best = box_iou(ref, ours).max(1)
+    best = pc.box_iou(ref, ours).max(1)
     matched = (best > 0.99).mean()
     assert len(ours) == len(ref) and matched >= 0.99, f"{name}: proposals matched {matched:.3f}"
-    ours_scores = np.asarray(props[1][0])[np.asarray(props[2][0])]
-    same_rank = np.mean(np.diag(box_iou(ref, ours)) > 0.99)
+    same_rank = np.mean(np.diag(pc.box_iou(ref, ours)) > 0.99)
     report.append(f"[{which}] {name}: proposals {len(ours)}, matched {matched:.4f} (same rank "
                   f"{same_rank:.4f}), max score diff (sorted) "
                   f"{np.abs(np.sort(ours_scores) - np.sort(fx[p + 'proposal_scores'])).max():.1e}")
 
     # 5. Box head on the reference's own first 200 proposals.
-    ref_props = jnp.asarray(fx[p + "proposals"][:200])[None]
-    cls, reg = jax.jit(lambda v, f, b: predictor.model.apply(
-        v, f, b, jnp.ones(b.shape[:2], bool), method=lambda m, f_, b_, v_: m.box_branch(f_, b_, v_)))(
-            predictor.variables, feats, ref_props)
-    cls, reg = np.asarray(cls[0]), np.asarray(reg[0]).reshape(200, -1)
+    cls, reg = pc.box_head_on(predictor, feats, fx[p + "proposals"][:200])
     np.testing.assert_allclose(cls, fx[p + "box_head/class_logits"], atol=2e-3, rtol=1e-3)
     np.testing.assert_allclose(reg, fx[p + "box_head/box_regression"], atol=2e-3, rtol=1e-3)
 
     # 6. Mask head (and MaskIoU head) on the reference's own v2-order mask RoIs and labels.
     q = f"{p}det_v2/"
-    rois = jnp.asarray(fx[q + "mask_rois"])[None]
-    labs = jnp.asarray(fx[q + "labels"])[None]
-    ml, miou = jax.jit(lambda v, f, b, l: predictor.model.apply(
-        v, f, b, l, jnp.ones(b.shape[:2], bool),
-        method=lambda m, f_, b_, l_, v_: m.mask_branch(f_, b_, l_, v_)))(
-            predictor.variables, feats, rois, labs)
+    ml, miou = pc.mask_head_on(predictor, feats, fx[q + "mask_rois"], fx[q + "labels"])
     ml_ref = fx[q + "mask_logits"]
-    ml_err = np.abs(np.asarray(ml[0]) - ml_ref).max() / float(np.abs(ml_ref).max())
+    ml_err = np.abs(ml - ml_ref).max() / float(np.abs(ml_ref).max())
     assert ml_err < feat_rtol, f"{name}: mask logits max relative error {ml_err:.2e}"
     line = (f"[{which}] {name}: box head max err cls {np.abs(cls - fx[p + 'box_head/class_logits']).max():.1e} "
             f"reg {np.abs(reg - fx[p + 'box_head/box_regression']).max():.1e}; mask logits rel err {ml_err:.1e}")
     if mask_scoring:
-      iou_err = np.abs(np.asarray(miou[0]) - fx[q + "mask_iou"]).max()
+      iou_err = np.abs(miou - fx[q + "mask_iou"]).max()
       assert iou_err <= 1e-4, f"{name}: MaskIoU error {iou_err:.2e}"
       line += f", MaskIoU err {iou_err:.1e}"
     report.append(line)

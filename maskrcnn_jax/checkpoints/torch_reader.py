@@ -30,7 +30,6 @@ import pickle
 import re
 import struct
 import zipfile
-from typing import Any
 
 import numpy as np
 

@@ -6,11 +6,10 @@ mmdet/models/backbones/resnet.py (Bottleneck, `style`), mmdet/models/backbones/r
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.layers import Conv, Norm
 

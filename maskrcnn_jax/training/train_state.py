@@ -16,7 +16,7 @@ float32's exponent range, hence no loss scaling (mmdet's fp16 recipe needs `loss
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import flax
 import flax.linen as nn

@@ -23,13 +23,11 @@ the interval, the learning rate, images per second and the ETA.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import math
 import os
-import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
