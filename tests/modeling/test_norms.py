@@ -128,7 +128,7 @@ def test_roi_head_statistics_ignore_padding_slots(name):
 
 
 def test_training_passes_the_positives_as_the_mask_head_batch(tmp_path):
-  """MaskRCNN.losses (quickstart recipe: BN mask head) gives every mask-head norm the positive
+  """MaskRCNN.losses (quickstart recipe with a BN mask head) gives every mask-head norm the positive
   RoIs as its mask: fewer than the padded slots, at least one, and the running mean it writes is
   the mean over those rows only. The samplers' positive fractions (train.rpn_positive_fraction /
   roi_positive_fraction) bound the positives and size the mask batch."""
@@ -137,6 +137,7 @@ def test_training_passes_the_positives_as_the_mask_head_batch(tmp_path):
   from maskrcnn_jax.training import trainer
   from tests.modeling.test_single_level_archs import _builtin_batch
   config = config_lib.load_config_file("configs/quickstart.py")
+  config.model.mask_head_norm = "bn"
   batch = _builtin_batch(tmp_path, config, 2)
   model = build_model(config, train=True)
   variables = init_variables(model, jax.random.PRNGKey(0), hw=(64, 64))
