@@ -9,7 +9,6 @@ a shape disagrees with the config's model, naming each one.
 """
 from __future__ import annotations
 
-
 from absl import app, flags
 from ml_collections import config_flags
 

@@ -6,6 +6,7 @@ our name maps and run the same stages. Test-side arithmetic is float64 numpy.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Callable, Optional
 
@@ -155,16 +156,18 @@ def sigmoid32(logits: np.ndarray) -> np.ndarray:
   return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
 
+@dataclasses.dataclass
 class Matched:
-  """Our detections matched to a reference set (see `match_detections`).
-
-  boxes / scores / labels: ours (valid rows, original-image pixels); iou [D_ref, D_ours] with
-  other-class pairs zeroed; ref_ok: reference rows matched; match: our row of each; ref_un /
-  our_un: the unmatched rows (explained near-ties); score_err: max score difference.
-  """
-
-  def __init__(self, **kw):
-    self.__dict__.update(kw)
+  """Our detections matched to a reference set (see `match_detections`)."""
+  boxes: np.ndarray  # [D, 4] ours, valid rows, original-image pixels
+  scores: np.ndarray  # [D]
+  labels: np.ndarray  # [D]
+  iou: np.ndarray  # [D_ref, D] box IoU, other-class pairs zeroed
+  ref_ok: np.ndarray  # reference rows matched
+  match: np.ndarray  # our row matched to each of ref_ok
+  ref_un: np.ndarray  # unmatched reference rows (explained near-ties)
+  our_un: np.ndarray  # unmatched rows of ours
+  score_err: float  # max score difference over the matches
 
 
 def match_detections(tag: str, raw, ref_boxes, ref_scores, ref_labels, *,

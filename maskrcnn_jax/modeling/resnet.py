@@ -42,12 +42,11 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
-    norm = lambda name, v: Norm(self.norm, self.norm_eps, self.train, name=name)(v, mask)
     y = Conv(self.out_channels, 3, self.stride, use_bias=False, precision=self.precision,
              name="conv1")(x)
-    y = nn.relu(norm("norm1", y))
+    y = nn.relu(_norm(self, "norm1", y, mask))
     y = Conv(self.out_channels, 3, use_bias=False, precision=self.precision, name="conv2")(y)
-    y = norm("norm2", y)
+    y = _norm(self, "norm2", y, mask)
     return nn.relu(_shortcut(self, x, mask) + y)
 
 
@@ -73,25 +72,33 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-    norm = lambda name, v: Norm(self.norm, self.norm_eps, self.train, name=name)(v, mask)
     y = Conv(self.width, 1, s1, use_bias=False, precision=self.precision, name="conv1")(x)
-    y = nn.relu(norm("norm1", y))
+    y = nn.relu(_norm(self, "norm1", y, mask))
     y = Conv(self.width, 3, s3, dilation=self.dilation, groups=self.groups, use_bias=False,
              precision=self.precision, name="conv2")(y)
-    y = nn.relu(norm("norm2", y))
+    y = nn.relu(_norm(self, "norm2", y, mask))
     y = Conv(self.out_channels, 1, use_bias=False, precision=self.precision, name="conv3")(y)
-    y = norm("norm3", y)
+    y = _norm(self, "norm3", y, mask)
     return nn.relu(_shortcut(self, x, mask) + y)
+
+
+# Helpers of the blocks' compact __call__ (BasicBlock, Bottleneck): the variables they create
+# live under `block`.
+
+
+def _norm(block: nn.Module, name: str, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  """The block's norm layer `name` on x, with the batch-statistics mask (layers.Norm)."""
+  return Norm(block.norm, block.norm_eps, block.train, parent=block, name=name)(x, mask)
 
 
 def _shortcut(block: nn.Module, x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
   """The identity, or the 1x1 strided projection + norm of the stage's first block (variables
-  `shortcut`, `shortcut_norm` under `block`, which must be inside its compact __call__)."""
+  `shortcut`, `shortcut_norm`)."""
   if not block.has_shortcut:
     return x
   x = Conv(block.out_channels, 1, block.stride, use_bias=False, precision=block.precision,
            parent=block, name="shortcut")(x)
-  return Norm(block.norm, block.norm_eps, block.train, parent=block, name="shortcut_norm")(x, mask)
+  return _norm(block, "shortcut_norm", x, mask)
 
 
 def bottleneck_stage(x: jax.Array, *, stage: int, num_blocks: int, width: int, out_channels: int,
