@@ -47,7 +47,7 @@ TORCHVISION_RGB01 = dict(pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.2
 
 
 def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_group: int = 64,
-              style: str = "pytorch", pixel: dict | None = None, norm_eps: float = 1e-5,
+              style: str = "pytorch", pixel: dict | None = None,
               mask_scoring: bool = False, schedule: str = "1x", multiscale: bool = False,
               torchvision_v2: bool = False, arch: str = "FPN",
               upstream: str = "") -> ml_collections.ConfigDict:
@@ -58,7 +58,6 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
     depth, groups, width_per_group: ResNet-50/101 or ResNeXt (32x4d, 64x4d, 32x8d).
     style: 'caffe' (stride in the 1x1 conv) or 'pytorch' (stride in the 3x3).
     pixel: one of the pixel dicts above; defaults by style.
-    norm_eps: frozen BN eps (torchvision v1 weights use 0.0).
     mask_scoring: adds the MaskIoU head (mmdet ms_rcnn).
     schedule: '1x' | '2x' | '3x' (torchvision: '26e' | '400e'); resolved by `schedule_config`.
     multiscale: mstrain recipes.
@@ -87,7 +86,11 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   m.width_per_group = width_per_group
   m.stride_in_1x1 = style == "caffe"
   m.norm = "frozen_bn"
-  m.norm_eps = norm_eps
+  # BatchNorm eps: decided by the checkpoint (checkpoints/provenance.py: torchvision's COCO_V1
+  # file ran with 0, every other known checkpoint with 1e-5), recorded by the converter in the
+  # converted checkpoint; unset here so that no recipe hard-codes one file's value. Training
+  # from scratch uses the convention's default (1e-5). Overridable: --config.model.norm_eps=0.
+  m.norm_eps = ml_collections.config_dict.placeholder(float)
   m.freeze_at = 2
   m.stem_out_channels = 64  # detectron2 RESNETS.STEM_OUT_CHANNELS
   m.res2_out_channels = 256  # detectron2 RESNETS.RES2_OUT_CHANNELS
@@ -135,8 +138,10 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   # Training compute dtype: 'float32' or 'bfloat16' (mixed precision, float32 master weights;
   # maskrcnn_jax/training/train_state.py).
   m.dtype = "float32"
-  # None: follow the convention (coordinate-offset trick on); False: exact per-class NMS.
-  m.nms_coordinate_trick = None
+  # Batched NMS: coordinate-offset trick up to this many boxes per call, exact per-class NMS
+  # above; -1 = the convention's rule (conventions.py: torchvision / detectron2 on CPU 1000,
+  # mmcv always).
+  m.nms_trick_max_boxes = -1
 
   d = c.data = ml_collections.ConfigDict()
   d.test_short = 800

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+# nms_trick_max_boxes of a framework that applies the coordinate-offset trick at every size.
+NMS_TRICK_ALWAYS = 2**31 - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Convention:
@@ -45,13 +48,19 @@ class Convention:
   # 3.13 paste: 'grid_sample' (mmdet/d2) or 'tv_legacy'; threshold >= 0.5 or > 0.5.
   paste: str
   mask_threshold_inclusive: bool
-  # 3.10 batched NMS: emulate the coordinate-offset trick (boxes + idx * (max + 1)).
-  nms_coordinate_trick: bool
+  # 3.10 batched NMS (RPN per level, detections per class): the coordinate-offset trick (boxes +
+  # idx * (max + 1), which rounds the coordinates) when the call has at most this many boxes,
+  # exact per-group NMS above (ops/nms.py:trick_applies). torchvision's batched_nms, which
+  # detectron2 calls, switches at boxes.numel() > 4000 on CPU (1000 boxes; 100,000 on CUDA,
+  # i.e. 25000 boxes: set model.nms_trick_max_boxes=25000 to reproduce a CUDA run); mmcv's
+  # batched_nms offsets at every size.
+  nms_trick_max_boxes: int
   # 3.10 score-tie order of NMS: 'stable' (tv/d2) or 'stable' too for mmdet (torch's unstable
   # order cannot be reproduced; parity_spec 3.9 recommends a stable sort).
   # 2.10 class layout: 'bg_last' (mmdet v2, d2: 81-way, bg = 80) or 'bg_first' (tv: 91-way, bg = 0).
   class_layout: str
-  # 3.5 default norm eps of the backbone's frozen BN (tv v1 overrides with 0.0 in its config).
+  # 3.5 BatchNorm eps when no checkpoint decides it (training from scratch); a converted
+  # checkpoint records its own (checkpoints/provenance.py: torchvision COCO_V1 ran with 0.0).
   bn_eps: float = 1e-5
 
 
@@ -74,7 +83,7 @@ MMDET = Convention(
     mask_roi_round_trip=True,
     paste="grid_sample",
     mask_threshold_inclusive=True,
-    nms_coordinate_trick=True,
+    nms_trick_max_boxes=NMS_TRICK_ALWAYS,
     class_layout="bg_last",
 )
 
@@ -97,7 +106,7 @@ DETECTRON2 = Convention(
     mask_roi_round_trip=False,
     paste="grid_sample",
     mask_threshold_inclusive=True,
-    nms_coordinate_trick=True,
+    nms_trick_max_boxes=1000,  # torchvision batched_nms on CPU (see the field)
     class_layout="bg_last",
 )
 
@@ -120,7 +129,7 @@ TORCHVISION = Convention(
     mask_roi_round_trip=False,
     paste="tv_legacy",
     mask_threshold_inclusive=False,
-    nms_coordinate_trick=True,
+    nms_trick_max_boxes=1000,  # batched_nms on CPU (see the field)
     class_layout="bg_first",
 )
 

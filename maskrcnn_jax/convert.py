@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from maskrcnn_jax import conventions
-from maskrcnn_jax.checkpoints import name_maps, orbax_io, torch_reader
+from maskrcnn_jax.checkpoints import name_maps, orbax_io, provenance, torch_reader
 from maskrcnn_jax.modeling.build import build_model, variable_shapes
 
 
@@ -28,12 +28,19 @@ def model_spec(config) -> "name_maps.ModelSpec":
 
 
 def convert(config, src: str, out: str | None = None):
-  """Converts `src` for `config`; writes to `out` if given. Returns (variables, summary)."""
-  _, state, _ = torch_reader.load_checkpoint(src)
-  variables, summary = convert_state_dict(config, state, source=src)
+  """Converts `src` for `config`; writes to `out` if given.
+
+  The written config.json is `config` with the constants the file decides filled in
+  (`checkpoints/provenance.py`: the BatchNorm eps), so that predict / evaluate / training from it
+  use them without the user repeating them. Returns (variables, summary, that config).
+  """
+  _, state, meta = torch_reader.load_checkpoint(src)
+  resolved, notes = provenance.decide(config, source=src, meta=meta)
+  variables, summary = convert_state_dict(resolved, state, source=src)
+  summary = "\n".join([summary] + notes)
   if out:
-    orbax_io.save_variables(out, variables, config, note=f"source: {src}\n{summary}\n")
-  return variables, summary
+    orbax_io.save_variables(out, variables, resolved, note=f"source: {src}\n{summary}\n")
+  return variables, summary, resolved
 
 
 def convert_state_dict(config, state, source: str | None = None):
@@ -65,7 +72,7 @@ def main():
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _, summary = convert(config.value, src.value, out.value)
+    _, summary, _ = convert(config.value, src.value, out.value)
     print(summary)
     print(f"wrote {out.value}")
 

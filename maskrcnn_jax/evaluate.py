@@ -69,11 +69,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
 
   kwargs go to `evaluator.evaluate` (batch_size_per_device, num_workers, per_class, ...).
   """
-  from maskrcnn_jax.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.checkpoints import orbax_io, provenance  # pylint: disable=g-import-not-at-top
   from maskrcnn_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   log = kwargs.get("log", evaluator._default_log)  # pylint: disable=protected-access
   annotation_file, image_dir = resolve_val_set(config)
   adopt_checkpoint_classes(config, checkpoint, log)
+  # The constants the checkpoint decided (BatchNorm eps), recorded by the converter / trainer.
+  config, notes = provenance.decide(config, recorded=orbax_io.load_saved_config(checkpoint))
+  for note in notes:
+    log(note)
   variables = orbax_io.load_variables(checkpoint)
   return evaluator.evaluate(config, variables, annotation_file=annotation_file,
                             image_dir=image_dir, workdir=workdir, **kwargs)

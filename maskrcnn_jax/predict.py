@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from maskrcnn_jax import inference
-from maskrcnn_jax.checkpoints import orbax_io
+from maskrcnn_jax.checkpoints import orbax_io, provenance
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_format, visualize
 
@@ -29,6 +29,10 @@ def predict(config, checkpoint: str, out: str, images, draw_threshold: float = 0
   for path in images:
     decoded.append((path, transforms.read_image(path, convention=config.convention)))
   variables = orbax_io.load_variables(checkpoint)
+  # The constants the checkpoint decided (BatchNorm eps), recorded by the converter / trainer.
+  config, notes = provenance.decide(config, recorded=orbax_io.load_saved_config(checkpoint))
+  for note in notes:
+    print(note)
   predictor = inference.Predictor(config, variables)
   names = inference.category_names(config)
   os.makedirs(out, exist_ok=True)

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from pathlib import Path
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_util
 
-from maskrcnn_jax.checkpoints import synthetic
+from maskrcnn_jax import config_lib, convert
+from maskrcnn_jax.checkpoints import provenance, synthetic
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
 
@@ -40,14 +44,48 @@ def sha256(a: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
-def checked_image(fx, name: str, img: np.ndarray, source: str) -> np.ndarray:
-  """`img` (regenerated from scikit-image) if it is the fixture's image by sha256, else skip."""
-  img = np.ascontiguousarray(img)
-  digest = sha256(img)
-  if digest != str(fx[f"{name}/image_sha256"]):
-    pytest.skip(f"{source} differs from the fixture's image (sha256 {digest[:12]}); another "
-                "scikit-image / imageio / Pillow decodes it differently")
-  return img
+IMAGES = Path(__file__).resolve().parent / "fixtures" / "images"
+
+
+def fixture_image(fx, name: str, order: str = "rgb") -> np.ndarray:
+  """The parity photograph `name` stored in tests/fixtures/images (RGB PNG), as uint8 [H, W, 3]
+  in `order` ('rgb', or 'bgr' as the cv2 / detectron2 decoders give it).
+
+  The fixtures record the sha256 of the RGB pixels they ran on; a different file is an error.
+  """
+  path = IMAGES / f"{name}.png"
+  if not path.is_file():
+    raise FileNotFoundError(f"parity image {path} is missing (restore tests/fixtures/images)")
+  img = np.ascontiguousarray(np.asarray(Image.open(path).convert("RGB")))
+  assert sha256(img) == str(fx[f"{name}/image_sha256"]), (
+      f"{path} is not the image the fixture was recorded on (sha256 {sha256(img)[:12]})")
+  return img if order == "rgb" else np.ascontiguousarray(img[:, :, ::-1])
+
+
+def load_fixture(path: Path):
+  """np.load of a parity fixture; a missing file fails the test (it is part of the repository)."""
+  if not path.is_file():
+    raise FileNotFoundError(f"parity fixture {path} is missing (restore it, or regenerate it with "
+                            "the scripts/make_parity_fixtures*.py named in tests/fixtures/README.md)")
+  return np.load(path)
+
+
+def load_recipe(path: Path) -> ml_collections.FrozenConfigDict:
+  """The recipe exactly as users load it (`config_lib.load_config_file`), frozen.
+
+  Parity tests check what ships: any attempt to override a field of the returned config raises,
+  and tests/test_recipe_guard.py fails when a parity test loads a recipe another way.
+  """
+  return ml_collections.FrozenConfigDict(config_lib.load_config_file(str(path)))
+
+
+def converted(config, state, source: str):
+  """What `python -m maskrcnn_jax.convert` makes of `state` read from a file named `source`:
+  (the config with the checkpoint-decided constants filled in, as the converter records it in
+  config.json, and the converted variables). The config is frozen again."""
+  resolved, _ = provenance.decide(config, source=source)
+  variables, _ = convert.convert_state_dict(resolved, state, source=source)
+  return ml_collections.FrozenConfigDict(resolved), variables
 
 
 def image_names(fx) -> list[str]:

@@ -121,7 +121,7 @@ def test_d2_pickle_round_trip_to_orbax(tmp_path):
   src = tmp_path / "model_final.pkl"
   with open(src, "wb") as f:
     pickle.dump({"model": state, "__author__": "test", "matching_heuristics": True}, f)
-  variables, _ = convert.convert(config, str(src), str(tmp_path / "out"))
+  variables, _, _ = convert.convert(config, str(src), str(tmp_path / "out"))
   restored = orbax_io.load_variables(str(tmp_path / "out"))
   a, b = name_maps.flatten_variables(variables), name_maps.flatten_variables(restored)
   assert a.keys() == b.keys()

@@ -4,8 +4,8 @@ tests/fixtures/parity_detectron2{,_R_50_C4,_R_50_DC5}.npz were produced by
 scripts/make_parity_fixtures_d2.py (--model) with detectron2 (built from source) on CPU: the model
 built from the real yaml got deterministic,
 calibrated weights (seeded >=2-D tensors, stored 1-D tensors) and ran on three scikit-image
-photographs, fed as BGR like detectron2's decoder. The images are not stored: they are regenerated
-from scikit-image and checked against the stored sha256. Here the same weights are regenerated,
+photographs, fed as BGR like detectron2's decoder (stored in tests/fixtures/images, checked against
+the fixture's sha256). Here the shipped recipe, unmodified, gets the same weights regenerated,
 converted with our detectron2 name map, and every stage is compared: the PIL resize (bit-exact),
 preprocessed input, the features (P2-P6; res4 for C4; the dilated res5 for DC5), RPN head outputs, proposals (as sets), box-head outputs on the
 reference's own proposals, mask logits on the reference's own detection boxes, final detections and
@@ -14,16 +14,15 @@ scores within 1e-3, mask IoU >= 0.98 per instance.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from maskrcnn_jax import config_lib, convert, inference
+from maskrcnn_jax import inference
 from maskrcnn_jax.data import transforms
-from maskrcnn_jax.modeling.mask_rcnn import LEVELS, ModelConfig
+from maskrcnn_jax.modeling.mask_rcnn import LEVELS
 from maskrcnn_jax.ops import paste as paste_lib
 from tests import parity_common as pc
 
@@ -41,54 +40,19 @@ MODELS = {
 }
 
 
-def d2_adaptive_grid(boxes: np.ndarray, output_size: int, arch: str) -> np.ndarray:
-  """Samples per bin axis of detectron2's ROIAlignV2 (sampling_ratio 0) on the RoI's feature map
-  (FPN: its level; C4 / DC5: the stride-16 map)."""
-  b = boxes.astype(np.float64)
-  if arch == "FPN":
-    size = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
-    stride = 2.0 ** np.clip(np.floor(4 + np.log2(size / 224 + 1e-8)), 2, 5)
-  else:
-    stride = 16.0
-  return np.maximum(np.ceil((b[:, 3] - b[:, 1]) / stride / output_size),
-                    np.ceil((b[:, 2] - b[:, 0]) / stride / output_size)).astype(np.int64)
-
-
-def fixture_image_bgr(fx, name: str) -> np.ndarray:
-  """The fixture image as detectron2's decoder gives it (BGR), regenerated from scikit-image."""
-  import skimage.data  # pylint: disable=g-import-not-at-top
-  base, crop = json.loads(str(fx["image_sources"]))[name]
-  img = getattr(skimage.data, base)()
-  if crop is not None:
-    img = img[crop[0]:crop[1], crop[2]:crop[3]]
-  img = pc.checked_image(fx, name, img, f"skimage.data.{base}()")
-  return np.ascontiguousarray(img[:, :, ::-1])
-
-
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def setup(request):
   fixture, keys_file, recipe = MODELS[request.param]
-  path = FIXTURES / fixture
-  if not path.exists():
-    pytest.skip(f"{path} missing (generate with scripts/make_parity_fixtures_d2.py)")
-  fx = np.load(path)
+  fx = pc.load_fixture(FIXTURES / fixture)
   state = pc.regenerated_state(fx, FIXTURES / "checkpoint_keys" / keys_file)
-  config = config_lib.load_config_file(str(ROOT / "configs" / "detectron2" / f"{recipe}.py"))
-  # The reference ran on CPU, where torchvision's batched_nms (which detectron2 calls) loops over
-  # classes/levels (no coordinate-offset trick) above 1000 boxes: the RPN (~4000 boxes) and, on all
-  # three images, the detection stage (`det/num_candidates`, asserted below) exceed that.
-  config.model.nms_coordinate_trick = False
-  # RoIAlign's adaptive grid (sampling_ratio 0) is capped at config.model.roi_align_max_grid (16)
-  # samples per bin axis, a documented approximation; the calibrated random RPN proposes elongated
-  # boxes that need up to 16 (with a cap of 8, 8-22 of the 1000 proposals per image exceeded it
-  # and their box-head logits differed by up to 0.5). The parity test checks the exact algorithm.
-  arch = config.model.arch
-  box_pool = ModelConfig.from_config(config).box_pool_size
-  need = max(max(d2_adaptive_grid(fx[f"{n}/proposals"], box_pool, arch).max(),
-                 d2_adaptive_grid(fx[f"{n}/det/boxes_resized"], 14, arch).max())
-             for n in pc.image_names(fx))
-  config.model.roi_align_max_grid = max(int(need), int(config.model.roi_align_max_grid))
-  variables, _ = convert.convert_state_dict(config, state)
+  # The recipe as shipped. Its NMS follows torchvision's batched_nms rule on CPU, where the
+  # reference ran (per-class NMS above 1000 boxes: the RPN's ~4000 and, on all three images, the
+  # detection stage's candidates, `det/num_candidates` below), and RoIAlign's adaptive grid is
+  # exact for every RoI (several passes of roi_align_max_grid samples where the calibrated
+  # random RPN's elongated proposals need up to 21).
+  config, variables = pc.converted(
+      pc.load_recipe(ROOT / "configs" / "detectron2" / f"{recipe}.py"), state,
+      source="model_final.pkl")
   predictor = inference.Predictor(config, jax.device_put(variables),
                                   precision=jax.lax.Precision.HIGHEST)
   return fx, config, predictor
@@ -98,7 +62,7 @@ def test_resize_matches_detectron2(setup):
   """detectron2's ResizeShortestEdge (PIL bilinear on the BGR uint8 image), bit for bit."""
   fx, _, _ = setup
   for name in pc.image_names(fx):
-    image = fixture_image_bgr(fx, name)
+    image = pc.fixture_image(fx, name, "bgr")
     hw = transforms.test_resize_size(*image.shape[:2], rule="detectron2", short=800, max_size=1333)
     assert hw == tuple(fx[f"{name}/resized_hw"]), name
     resized = transforms.resize_image(image, hw, rule="detectron2")
@@ -122,7 +86,7 @@ def test_parity_stage_by_stage(setup):
   report = []
   for name in pc.image_names(fx):
     p = f"{name}/"
-    image = fixture_image_bgr(fx, name)
+    image = pc.fixture_image(fx, name, "bgr")
     batch = inference.preprocess_image(image, config)
 
     # 1. Preprocessed tensor: sizes exactly, values to float32 rounding.

@@ -3,8 +3,8 @@
 tests/fixtures/parity_mmdet_*.npz were produced by scripts/make_parity_fixtures_mmdet.py with
 mmdet 3.3.0 + mmcv 2.1.0 (CPU ops) + torch 2.13 CPU, from mmdet's own configs, with deterministic
 calibrated weights (seeded >=2-D tensors, stored 1-D tensors) on three scikit-image photographs
-(regenerated here from scikit-image and checked by sha256; mmdet gets them BGR). Here the weights
-are regenerated, converted with our mmdet name map, and every stage is compared: preprocessed input,
+(stored in tests/fixtures/images and checked by sha256; mmdet gets them BGR). Here the shipped recipe,
+unmodified, gets the weights regenerated and converted with our mmdet name map, and every stage is compared: preprocessed input,
 P2-P6, RPN head outputs, proposals (as sets: mmcv's CPU NMS sorts with torch's unstable sort),
 box-head outputs on the reference's own proposals, mask logits (and MaskIoU) on the reference's
 own mask RoIs, final detections and pasted masks.
@@ -22,15 +22,13 @@ Two reference detection sets (see the generator's docstring):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-import skimage.data
 
-from maskrcnn_jax import config_lib, convert, inference
+from maskrcnn_jax import inference
 from maskrcnn_jax.modeling.mask_rcnn import LEVELS
 from tests import parity_common as pc
 
@@ -66,36 +64,18 @@ def required_grid(fx) -> int:
   return need
 
 
-def fixture_image_rgb(fx, name: str) -> np.ndarray:
-  """The fixture image, regenerated from scikit-image (it ships all three; no network)."""
-  crops = json.loads(str(fx["image_crops"]))
-  base, crop = crops.get(name, (name, None))
-  img = getattr(skimage.data, base)()
-  if crop is not None:
-    img = img[slice(*crop[0]), slice(*crop[1])]
-  return pc.checked_image(fx, name, img, f"skimage.data.{base}()")
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def setup(request):
   fixture, config_path, keys_file, feat_rtol = CASES[request.param]
-  path = FIXTURES / fixture
-  if not path.exists():
-    pytest.skip(f"{path} missing (generate with scripts/make_parity_fixtures_mmdet.py)")
-  fx = np.load(path)
+  fx = pc.load_fixture(FIXTURES / fixture)
   state = pc.regenerated_state(fx, KEY_DIR / keys_file)
-  config = config_lib.load_config_file(str(ROOT / config_path))
-  # mmcv's batched_nms always applies the coordinate-offset trick (its split branch above
-  # split_thr=10000 offsets too), so the mmdet convention default (trick on) is what ran.
-  assert config.model.get("nms_coordinate_trick", None) in (None, True)
-  # RoIAlign's adaptive grid (sampling_ratio 0) is ceil(bin size) samples per bin axis, which mmcv
-  # evaluates without a bound; ours is capped at config.model.roi_align_max_grid (8 by default,
-  # static shapes) and RoIs above the cap get a coarser sampling (pallas_kernels/roi_align/
-  # reference.py). Elongated proposals exceed 8 (astronaut: 11% of the RPN proposals, up to 21),
-  # which changes their class logits by up to 0.4 and 5 of astronaut's 100 detections. The
-  # comparison is of the algorithm, so the cap is raised to what the fixture's RoIs need.
-  config.model.roi_align_max_grid = max(int(config.model.roi_align_max_grid), required_grid(fx) + 1)
-  variables, _ = convert.convert_state_dict(config, state)
+  # The recipe as shipped: mmcv's batched_nms always applies the coordinate-offset trick (its
+  # split branch above split_thr=10000 offsets too), the mmdet convention's rule; RoIAlign's
+  # adaptive grid is exact for every RoI (mmcv evaluates ceil(bin size) samples without a bound;
+  # the calibrated random RPN's elongated proposals need up to `required_grid`, more than the
+  # recipe's roi_align_max_grid samples per pass, so those RoIs take several passes).
+  config, variables = pc.converted(pc.load_recipe(ROOT / config_path), state,
+                                   source=fixture.replace(".npz", ".pth"))
   predictor = inference.Predictor(config, jax.device_put(variables),
                                   precision=jax.lax.Precision.HIGHEST)
   return request.param, fx, config, predictor, feat_rtol
@@ -145,11 +125,11 @@ def test_parity_stage_by_stage(setup):
   which, fx, config, predictor, feat_rtol = setup
   mask_scoring = bool(config.model.mask_scoring)
   levels = [str(n) for n in fx["level_names"]]
-  report = [f"[{which}] RoIAlign max_grid {config.model.roi_align_max_grid} (the fixture's RoIs need "
-            f"up to {required_grid(fx)}; recipe default 8)"]
+  report = [f"[{which}] RoIAlign {config.model.roi_align_max_grid} samples per pass (the fixture's "
+            f"RoIs need up to {required_grid(fx)})"]
   for name in pc.image_names(fx):
     p = f"{name}/"
-    rgb = fixture_image_rgb(fx, name)
+    rgb = pc.fixture_image(fx, name)
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])      # mmdet decodes with cv2: BGR
     batch = inference.preprocess_image(bgr, config)
 

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from maskrcnn_jax import config_lib, convert, inference
+from maskrcnn_jax import inference
+from maskrcnn_jax.checkpoints import provenance
 from maskrcnn_jax.modeling.mask_rcnn import LEVELS
 from maskrcnn_jax.ops import paste as paste_lib
 from tests import parity_common as pc
@@ -28,17 +29,18 @@ KEYS = ROOT / "tests" / "fixtures" / "checkpoint_keys" / "torchvision_maskrcnn_r
 TV_LEVELS = ("0", "1", "2", "3", "pool")
 
 
+RECIPE = ROOT / "configs" / "torchvision" / "maskrcnn_resnet50_fpn.py"
+
+
 @pytest.fixture(scope="module")
 def setup():
-  if not FIXTURE.exists():
-    pytest.skip(f"{FIXTURE} missing (generate with scripts/make_parity_fixtures.py)")
-  fx = np.load(FIXTURE)
+  fx = pc.load_fixture(FIXTURE)
   state = pc.regenerated_state(fx, KEYS)
-  config = config_lib.load_config_file(str(ROOT / "configs/torchvision/maskrcnn_resnet50_fpn.py"))
-  # The reference ran on CPU, where torchvision's batched_nms loops over classes/levels (no
-  # coordinate-offset trick) above 1000 boxes: the RPN and the detection stage both exceed that.
-  config.model.nms_coordinate_trick = False
-  variables, _ = convert.convert_state_dict(config, state)
+  # The fixture's model is the COCO_V1 build path (FrozenBatchNorm2d, overwrite_eps 0): converted
+  # as the released file is, the shipped recipe gets its eps from the file name.
+  config, variables = pc.converted(pc.load_recipe(RECIPE), state,
+                                   source=provenance.TORCHVISION_COCO_V1_FILE)
+  assert config.model.norm_eps == 0.0
   predictor = inference.Predictor(config, jax.device_put(variables),
                                   precision=jax.lax.Precision.HIGHEST)
   return fx, config, predictor

@@ -15,7 +15,7 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="torchvision", depth=50, style="pytorch", pixel=config_lib.TORCHVISION_RGB01,
-      norm_eps=1e-5, torchvision_v2=True, schedule="400e", upstream="maskrcnn_resnet50_fpn_v2")
+      torchvision_v2=True, schedule="400e", upstream="maskrcnn_resnet50_fpn_v2")
   config.model.num_classes = 90  # 91 outputs, background first
   config.published = config_lib.published(
       box_ap=47.4, mask_ap=41.8,

@@ -49,7 +49,9 @@ class ModelConfig:
   stem_out_channels: int = 64
   res2_out_channels: int = 256
   norm: str = "frozen_bn"
-  norm_eps: float = 1e-5
+  # None (the recipes' default): the convention's `bn_eps`; a converted checkpoint records its
+  # own (checkpoints/provenance.py), which predict / evaluate / config.init fill in first.
+  norm_eps: Optional[float] = None
   freeze_at: int = 2
   fpn_norm: str = ""
   fpn_channels: int = 256
@@ -81,9 +83,15 @@ class ModelConfig:
   # FPN level of a RoI: P4 at sqrt(area) = this (detectron2 / torchvision ROIPooler
   # canonical_box_size; mmdet finest_scale = a quarter of it). 224 in every reference.
   roi_canonical_box_size: float = 224.0
-  nms_coordinate_trick: Optional[bool] = None
+  # Batched NMS: the coordinate-offset trick up to this many boxes per call; -1 = the
+  # convention's rule (conventions.Convention.nms_trick_max_boxes).
+  nms_trick_max_boxes: int = -1
   # config.kernels.roi_align: 'auto' | 'reference' | 'pallas' | 'interpret' (pallas_kernels/README.md).
   roi_align_impl: str = "auto"
+
+  def __post_init__(self):
+    if self.norm_eps is None:  # no checkpoint decided it: the convention's default
+      object.__setattr__(self, "norm_eps", conventions_lib.get(self.convention).bn_eps)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
@@ -116,10 +124,11 @@ class ModelConfig:
     return conventions_lib.get(self.convention)
 
   @property
-  def coordinate_trick(self) -> bool:
-    if self.nms_coordinate_trick is None:
-      return self.conv.nms_coordinate_trick
-    return bool(self.nms_coordinate_trick)
+  def trick_max_boxes(self) -> int:
+    """The batched NMS rule in force (`nms_trick_max_boxes`, else the convention's)."""
+    if self.nms_trick_max_boxes == -1:
+      return self.conv.nms_trick_max_boxes
+    return int(self.nms_trick_max_boxes)
 
   @property
   def feature_names(self) -> Tuple[str, ...]:
@@ -306,7 +315,7 @@ class MaskRCNN(nn.Module):
     fn = lambda lg, dl, hw: rpn_lib.select_proposals(
         lg, dl, anchors, hw, convention=cfg.conv, pre_nms_topk=cfg.rpn_pre_nms_topk_test,
         post_nms_topk=cfg.rpn_post_nms_topk_test, nms_thresh=cfg.rpn_nms_thresh,
-        coordinate_trick=cfg.coordinate_trick)
+        nms_trick_max_boxes=cfg.trick_max_boxes)
     return jax.vmap(fn)(logits, deltas, image_hw)
 
   def pool(self, feats, boxes: jax.Array, valid: jax.Array, output_size: int) -> jax.Array:
@@ -396,7 +405,7 @@ class MaskRCNN(nn.Module):
         lg, dl, p, v, hw, ohw, sf, convention=cfg.conv,
         bbox_reg_weights=tuple(cfg.bbox_reg_weights), score_thresh=cfg.score_thresh,
         nms_thresh=cfg.nms_thresh, max_detections=cfg.detections_per_image,
-        max_candidates=cfg.max_candidates, coordinate_trick=cfg.coordinate_trick)
+        max_candidates=cfg.max_candidates, nms_trick_max_boxes=cfg.trick_max_boxes)
     dets = jax.vmap(det_fn)(logits, deltas, props, props_valid, image_hw, orig_hw, scale_factor)
     mask_logits, mask_iou = self.mask_branch(feats, dets["mask_rois"], dets["labels"],
                                              dets["valid"])
@@ -475,7 +484,7 @@ class MaskRCNN(nn.Module):
     fn = lambda lg, dl, hw: rpn_lib.train_proposals(
         lg, dl, anchors, hw, convention=conv, pre_nms_topk=cfg.rpn_pre_nms_topk_train,
         post_nms_topk=cfg.rpn_post_nms_topk_train, nms_thresh=cfg.rpn_nms_thresh,
-        coordinate_trick=cfg.coordinate_trick)
+        nms_trick_max_boxes=cfg.trick_max_boxes)
     props, _, props_valid = jax.vmap(fn)(logits, deltas, image_hw)
     roi_t = jax.vmap(
         lambda p, pv, g, c, v, r: targets_lib.roi_targets(

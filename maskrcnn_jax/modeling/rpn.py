@@ -26,7 +26,7 @@ def select_proposals(
     pre_nms_topk: int,
     post_nms_topk: int,
     nms_thresh: float,
-    coordinate_trick: bool,
+    nms_trick_max_boxes: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Proposals of one image.
 
@@ -39,7 +39,8 @@ def select_proposals(
     pre_nms_topk: top-k per level before NMS (1000 at test time).
     post_nms_topk: proposals kept after NMS (1000 at test time).
     nms_thresh: IoU threshold of the per-level NMS (0.7).
-    coordinate_trick: emulate the batched-NMS coordinate offset (parity_spec 3.10).
+    nms_trick_max_boxes: the per-level NMS uses the coordinate-offset trick when at most this many
+      proposals pass the size filter (`nms.trick_applies`, parity_spec 3.10).
 
   Returns:
     proposals [post_nms_topk, 4] float32 xyxy (resized-image pixels), scores [post_nms_topk]
@@ -70,9 +71,10 @@ def select_proposals(
   valid &= jnp.all(jnp.isfinite(boxes), axis=1) & jnp.isfinite(logit)
   # d2 runs NMS on logits; mmdet on sigmoid scores; tv sigmoids before its NMS (rpn.py).
   score = logit if convention.name == "detectron2" else jax.nn.sigmoid(logit)
+  use_trick = nms_lib.trick_applies(jnp.sum(valid), nms_trick_max_boxes, valid.shape[0])
   keep, keep_valid = nms_lib.batched_nms(
       boxes, score, levels, iou_threshold=nms_thresh, max_output=post_nms_topk, valid=valid,
-      coordinate_trick=coordinate_trick)
+      coordinate_trick=use_trick)
   proposals = jnp.where(keep_valid[:, None], boxes[keep], 0.0)
   return proposals, jnp.where(keep_valid, score[keep], -jnp.inf), keep_valid
 
@@ -87,7 +89,7 @@ def train_proposals(
     pre_nms_topk: int,
     post_nms_topk: int,
     nms_thresh: float,
-    coordinate_trick: bool,
+    nms_trick_max_boxes: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-time proposals of one image: `select_proposals` on stop-gradient'ed RPN outputs.
 
@@ -102,5 +104,5 @@ def train_proposals(
   deltas = [jax.lax.stop_gradient(x).astype(jnp.float32) for x in deltas]
   boxes, scores, valid = select_proposals(
       logits, deltas, anchors, image_hw, convention=convention, pre_nms_topk=pre_nms_topk,
-      post_nms_topk=post_nms_topk, nms_thresh=nms_thresh, coordinate_trick=coordinate_trick)
+      post_nms_topk=post_nms_topk, nms_thresh=nms_thresh, nms_trick_max_boxes=nms_trick_max_boxes)
   return jax.lax.stop_gradient(boxes), jax.lax.stop_gradient(scores), valid

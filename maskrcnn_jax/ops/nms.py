@@ -31,12 +31,13 @@ def processing_order(scores):
   return jnp.argsort(scores, descending=True, stable=True).astype(jnp.int32)
 
 
-def _greedy(boxes, valid, order, same_group, *, iou_threshold, max_output):
+def _greedy(boxes, valid, order, same_group, *, iou_threshold, max_output, any_group=False):
   """Greedy NMS over `boxes` in processing `order`; returns kept positions into `boxes`.
 
   boxes [N, 4] float (xyxy), valid [N] bool, order [N] int32 (a permutation), same_group: None or
-  [N] int32 group ids (IoU only counts within a group). Returns (idx [max_output] int32 into
-  `boxes`, padded with 0; keep_valid [max_output] bool).
+  [N] int32 group ids (IoU only counts within a group). any_group: bool scalar (may be traced);
+  where True the groups are ignored (every box may suppress every other). Returns (idx
+  [max_output] int32 into `boxes`, padded with 0; keep_valid [max_output] bool).
   """
   n = boxes.shape[0]
   if n == 0:
@@ -62,7 +63,7 @@ def _greedy(boxes, valid, order, same_group, *, iou_threshold, max_output):
     iou = inter / ((areas[i] + areas) - inter)
     suppress = iou > thr  # strict; NaN compares False
     if grp is not None:
-      suppress = suppress & (grp == grp[i])
+      suppress = suppress & ((grp == grp[i]) | any_group)
     active = active & ~suppress
     active = active.at[i].set(False)
     nxt = jnp.argmax(active).astype(jnp.int32)  # first active position in processing order
@@ -101,21 +102,46 @@ def nms(boxes, scores, *, iou_threshold, max_output: int, valid=None, order=None
                  iou_threshold=iou_threshold, max_output=max_output)
 
 
+def trick_applies(num_boxes, trick_max_boxes: int, static_size: int):
+  """Whether a batched NMS over `num_boxes` boxes uses the coordinate-offset trick.
+
+  The references decide by the number of boxes of the call (parity_spec 3.10): torchvision's
+  `batched_nms` (which detectron2 calls) offsets when `boxes.numel() <= 4000` on CPU (1000
+  boxes; 100,000 on CUDA) and runs per-class NMS above; mmcv always offsets. `trick_max_boxes`
+  is that limit in boxes (conventions.NMS_TRICK_ALWAYS for mmcv, negative for never).
+
+  Args:
+    num_boxes: int32 scalar (may be traced), the boxes the reference's call would hold.
+    trick_max_boxes: static int.
+    static_size: static upper bound of num_boxes.
+
+  Returns:
+    A Python bool where the static sizes decide it, else a traced bool scalar.
+  """
+  if trick_max_boxes < 0:
+    return False
+  if trick_max_boxes >= static_size:
+    return True
+  return jnp.asarray(num_boxes) <= trick_max_boxes
+
+
 def batched_nms(boxes, scores, idxs, *, iou_threshold, max_output: int, valid=None,
-                coordinate_trick: bool = True, order=None):
+                coordinate_trick=True, order=None, max_coordinate=None):
   """Class- (or level-) aware NMS.
 
   Args:
     boxes: [N, 4] float32 xyxy pixels; scores: [N] float32; idxs: [N] int group ids (class or
       FPN level), >= 0.
     iou_threshold, max_output, valid, order: as in `nms`.
-    coordinate_trick: True emulates torchvision `_batched_nms_coordinate_trick` / mmcv
-      `batched_nms`: NMS on `boxes + idxs * (max_coordinate + 1)` computed in the boxes' dtype,
-      where max_coordinate is the largest coordinate over the valid boxes. In float32 the offset
-      rounds the coordinates (ulp ~0.008 px at 1e5) and can flip near-threshold decisions; that
-      is what the published numbers ran with (parity_spec 3.10). False runs exact per-group NMS
-      (IoU only between boxes with equal idxs), i.e. torchvision's `_batched_nms_vanilla` up to
-      the order of score ties (vanilla re-sorts its result with an unstable sort).
+    coordinate_trick: bool, or a traced bool scalar (`trick_applies`). True emulates
+      torchvision `_batched_nms_coordinate_trick` / mmcv `batched_nms`: NMS on
+      `boxes + idxs * (max_coordinate + 1)` computed in the boxes' dtype, where max_coordinate is
+      the largest coordinate over the valid boxes. In float32 the offset rounds the coordinates
+      (ulp ~0.008 px at 1e5) and can flip near-threshold decisions. False runs exact per-group
+      NMS (IoU only between boxes with equal idxs), i.e. torchvision's `_batched_nms_vanilla` up
+      to the order of score ties (vanilla re-sorts its result with an unstable sort).
+    max_coordinate: optional float scalar overriding the maximum over `boxes` (the reference
+      computed it over more boxes than enter here, e.g. before a top-k).
 
   Returns:
     (keep_idx [max_output] int32, keep_valid [max_output] bool) as in `nms`, in processing order.
@@ -127,14 +153,23 @@ def batched_nms(boxes, scores, idxs, *, iou_threshold, max_output: int, valid=No
   if order is None:
     order = processing_order(scores)
   order = jnp.asarray(order, jnp.int32)
-  if coordinate_trick:
+  groups = jnp.asarray(idxs, jnp.int32)
+  if coordinate_trick is False:
+    return _greedy(boxes, valid, order, groups, iou_threshold=iou_threshold,
+                   max_output=max_output)
+  if max_coordinate is None:
     masked = jnp.where(valid[:, None], boxes, -jnp.inf)
     max_coordinate = jnp.max(masked) if n else jnp.zeros((), boxes.dtype)
-    max_coordinate = jnp.where(jnp.any(valid), max_coordinate, 0).astype(boxes.dtype)
-    # offsets = idxs.to(boxes) * (max_coordinate + 1), then one add in the boxes' dtype
-    # (torchvision/ops/boxes.py:_batched_nms_coordinate_trick, mmcv/ops/nms.py:batched_nms).
-    offsets = no_fma(idxs.astype(boxes.dtype) * (max_coordinate + jnp.ones((), boxes.dtype)))
+    max_coordinate = jnp.where(jnp.any(valid), max_coordinate, 0)
+  max_coordinate = jnp.asarray(max_coordinate).astype(boxes.dtype)
+  # offsets = idxs.to(boxes) * (max_coordinate + 1), then one add in the boxes' dtype
+  # (torchvision/ops/boxes.py:_batched_nms_coordinate_trick, mmcv/ops/nms.py:batched_nms).
+  offsets = no_fma(idxs.astype(boxes.dtype) * (max_coordinate + jnp.ones((), boxes.dtype)))
+  if coordinate_trick is True:
     return _greedy(boxes + offsets[:, None], valid, order, None,
                    iou_threshold=iou_threshold, max_output=max_output)
-  return _greedy(boxes, valid, order, jnp.asarray(idxs, jnp.int32),
-                 iou_threshold=iou_threshold, max_output=max_output)
+  # Decided at run time: offsets and no group test (the trick), or neither (per-group NMS).
+  use = jnp.asarray(coordinate_trick, bool)
+  shifted = jnp.where(use, boxes + offsets[:, None], boxes)
+  return _greedy(shifted, valid, order, groups, iou_threshold=iou_threshold,
+                 max_output=max_output, any_group=use)

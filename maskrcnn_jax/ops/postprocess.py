@@ -29,7 +29,7 @@ def detect(
     nms_thresh: float,
     max_detections: int,
     max_candidates: int,
-    coordinate_trick: bool,
+    nms_trick_max_boxes: int,
 ) -> dict[str, jax.Array]:
   """Final detections of one image.
 
@@ -43,6 +43,9 @@ def detect(
     bbox_reg_weights: stds (mmdet form) or weights (detectron2 form).
     max_candidates: static bound of (RoI, class) pairs that enter the NMS, taken by score. The
       result is exact whenever the last kept detection ranks within it.
+    nms_trick_max_boxes: the class-wise NMS uses the coordinate-offset trick when at most this
+      many candidates pass the score filter (`nms.trick_applies`; the reference counts every
+      candidate, before any top-k).
 
   Returns dict of [D = max_detections] arrays:
     boxes [D, 4] float32 xyxy in original-image pixels (the reported boxes);
@@ -77,24 +80,16 @@ def detect(
     w = boxes[:, 2] - boxes[:, 0]
     h = boxes[:, 3] - boxes[:, 1]
     valid &= (w >= convention.det_min_box_side) & (h >= convention.det_min_box_side)
-  if coordinate_trick:
-    # The offset is computed over every candidate of the call, as torchvision / mmcv do, before
-    # the static top-k below drops low scores.
-    max_coord = jnp.max(jnp.where(valid[:, None], boxes, -jnp.inf))
-    offsets = labels.astype(jnp.float32) * (max_coord + 1.0)
-    nms_boxes = boxes + offsets[:, None]
-  else:
-    nms_boxes = boxes
+  # The trick's decision and its offset use every candidate of the call, as torchvision / mmcv
+  # see them, before the static top-k below drops low scores.
+  use_trick = nms_lib.trick_applies(jnp.sum(valid), nms_trick_max_boxes, valid.shape[0])
+  max_coord = jnp.where(jnp.any(valid), jnp.max(jnp.where(valid[:, None], boxes, -jnp.inf)), 0.0)
   k = min(max_candidates, scores.shape[0])
   _, cand = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), k)
-  if coordinate_trick:
-    keep, keep_valid = nms_lib.nms(
-        nms_boxes[cand], scores[cand], iou_threshold=nms_thresh, max_output=max_detections,
-        valid=valid[cand])
-  else:
-    keep, keep_valid = nms_lib.batched_nms(
-        boxes[cand], scores[cand], labels[cand], iou_threshold=nms_thresh,
-        max_output=max_detections, valid=valid[cand], coordinate_trick=False)
+  keep, keep_valid = nms_lib.batched_nms(
+      boxes[cand], scores[cand], labels[cand], iou_threshold=nms_thresh,
+      max_output=max_detections, valid=valid[cand], coordinate_trick=use_trick,
+      max_coordinate=max_coord)
   idx = cand[keep]
   det_boxes = boxes[idx]
   det_scores = scores[idx]

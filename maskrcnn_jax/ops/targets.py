@@ -213,8 +213,10 @@ def _crop_axis_weights(lo, hi, g_lo, g_hi, canvas, crop_size, *, pooled, aligned
     crop_size: static S.
     pooled: static output size (28).
     aligned: static bool, half-pixel offset (mmdet / d2) or not (torchvision).
-    max_grid: static bound of the adaptive grid; a larger grid uses max_grid evenly spaced
-      samples per bin (as `reference.roi_align` does).
+    max_grid: samples per bin taken per pass; a larger grid takes several passes (as
+      `reference.roi_align` does), so every RoI inside the canvas is exact. A RoI reaching
+      further than the canvas allows (ceil((canvas + 1) / pooled) samples) gets that many evenly
+      spaced samples per bin.
 
   Returns:
     w: [K, pooled, S] float32, the sum over the bin's samples of their crop weights.
@@ -229,18 +231,14 @@ def _crop_axis_weights(lo, hi, g_lo, g_hi, canvas, crop_size, *, pooled, aligned
     roi = jnp.maximum(roi, f32(1.0))
   # IEEE divisions (XLA would multiply by a reciprocal: 49 / 7 -> 7.0000005, another grid).
   bin_size = boxes_lib.exact_div(roi, f32(pooled))
+  canvas = jnp.broadcast_to(jnp.asarray(canvas, f32), lo.shape)
+  # The largest grid of a RoI inside the canvas (see max_grid above).
+  bound = jnp.ceil((canvas + f32(1)) / f32(pooled))
   grid = jnp.ceil(bin_size)
-  grid = jnp.where(grid >= 1, jnp.minimum(grid, f32(max_grid)), f32(0))
+  grid = jnp.where(grid >= 1, jnp.minimum(grid, jnp.maximum(bound, f32(max_grid))), f32(0))
   ph = jnp.arange(pooled, dtype=f32)
-  g = jnp.arange(max_grid, dtype=f32)
-  step = boxes_lib.exact_div((g[None, :] + f32(0.5)) * bin_size[:, None],
-                             jnp.maximum(grid, 1)[:, None])            # [K, G]
-  y = ((start[:, None] + ph[None, :] * bin_size[:, None])[:, :, None]
-       + step[:, None, :])                                             # [K, P, G]
-  canvas = jnp.broadcast_to(jnp.asarray(canvas, f32), lo.shape)[:, None, None]
-  valid = (y >= -1) & (y <= canvas) & (g[None, None, :] < grid[:, None, None])
-  y = jnp.where(y <= 0, f32(0), y)
-  y = jnp.where(y >= canvas - 1, canvas - 1, y)
+  base = (start[:, None] + ph[None, :] * bin_size[:, None])[:, :, None]  # [K, P, 1]
+  canvas = canvas[:, None, None]
   # Bilinear interpolation of a bitmap at index coordinate y equals the mean of its
   # piecewise-constant extension (pixel c covers [c, c + 1)) over the unit window [y, y + 1]:
   # (1 - frac) b[floor y] + frac b[floor y + 1]. The crop is such a piecewise-constant map over
@@ -250,9 +248,24 @@ def _crop_axis_weights(lo, hi, g_lo, g_hi, canvas, crop_size, *, pooled, aligned
   edges = g_lo[:, None] + jnp.arange(crop_size + 1, dtype=f32)[None, :] * cell[:, None]
   lo_e = edges[:, None, None, :-1]                                     # [K, 1, 1, S]
   hi_e = edges[:, None, None, 1:]
-  ov = jnp.minimum(hi_e, y[..., None] + f32(1)) - jnp.maximum(lo_e, y[..., None])
-  ov = jnp.maximum(ov, f32(0))                                         # [K, P, G, S]
-  w = jnp.sum(jnp.where(valid[..., None], ov, f32(0)), axis=2)
+
+  def one_pass(p, w):
+    g = (p * max_grid + jnp.arange(max_grid)).astype(f32)
+    step = boxes_lib.exact_div((g[None, :] + f32(0.5)) * bin_size[:, None],
+                               jnp.maximum(grid, 1)[:, None])          # [K, G]
+    y = base + step[:, None, :]                                        # [K, P, G]
+    valid = (y >= -1) & (y <= canvas) & (g[None, None, :] < grid[:, None, None])
+    y = jnp.where(y <= 0, f32(0), y)
+    y = jnp.where(y >= canvas - 1, canvas - 1, y)
+    ov = jnp.minimum(hi_e, y[..., None] + f32(1)) - jnp.maximum(lo_e, y[..., None])
+    ov = jnp.maximum(ov, f32(0))                                       # [K, P, G, S]
+    return w + jnp.sum(jnp.where(valid[..., None], ov, f32(0)), axis=2)
+
+  # Passes of max_grid samples until the largest grid is covered (mask targets carry no
+  # gradient, so a loop with a data-dependent trip count is fine here).
+  passes = jnp.ceil(jnp.max(grid, initial=0.0) / f32(max_grid)).astype(jnp.int32)
+  w = jax.lax.fori_loop(0, jnp.maximum(passes, 1), one_pass,
+                        jnp.zeros(base.shape[:2] + (crop_size,), f32))
   return w, grid
 
 

@@ -131,6 +131,24 @@ def is_class_dependent(path: Tuple[str, ...]) -> bool:
   return any(tuple(path[:len(p)]) == p for p in CLASS_DEPENDENT)
 
 
+def init_settings(config: ml_collections.ConfigDict
+                  ) -> Tuple[ml_collections.ConfigDict, List[str]]:
+  """`config` with the constants its `init` checkpoint decides (checkpoints/provenance.py: the
+  BatchNorm eps, where the recipe leaves it unset): read from a converted directory's
+  config.json, or decided for a zoo file. Returns (config copy, notes)."""
+  from maskrcnn_jax.checkpoints import orbax_io, provenance, torch_reader
+  source = config.init
+  if os.path.isdir(source):
+    return provenance.decide(config, recorded=orbax_io.load_saved_config(source))
+  if not os.path.isfile(source):
+    raise FileNotFoundError(f"config.init={source!r}: neither a converted checkpoint directory "
+                            "nor a checkpoint file")
+  meta = None
+  if config.convention == "mmdet":  # only mmdet's decision reads the file (its stored config)
+    _, _, meta = torch_reader.load_checkpoint(source)
+  return provenance.decide(config, source=source, meta=meta)
+
+
 def _read_init(config: ml_collections.ConfigDict, source: str) -> Tuple[Dict[str, Any], int]:
   """(variables, num_classes of the source) from a converted dir or a zoo .pth/.pkl file."""
   if os.path.isdir(source):

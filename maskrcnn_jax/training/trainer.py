@@ -194,6 +194,15 @@ def _config_for_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   if "train" not in c:
     from maskrcnn_jax import config_lib
     c.train = config_lib.train_config()
+  if "model" in c and "norm_eps" in c.model:
+    # The BatchNorm eps of the checkpoint training starts from (checkpoints/provenance.py), else
+    # the convention's default; written into config.json so that the trained model records it.
+    if c.get("init", ""):
+      c, notes = checkpointing.init_settings(c)
+      for note in notes:
+        _print(f"{c.init}: {note}")
+    if c.model.norm_eps is None:
+      c.model.norm_eps = conventions_lib.get(c.convention).bn_eps
   return c
 
 

@@ -45,13 +45,19 @@ differ by up to ~1e-5, the same size as torchvision float32 vs float64 (golden R
 eager results differ from each other at that level too. The summation order differs as well
 (~1e-7 relative).
 
-Adaptive grid (sampling_ratio = 0). Shapes must be static, so the number of samples per bin and
-axis is bounded by `max_grid` (G). Samples g >= grid of a RoI are masked out (weight 0). When the
-true grid exceeds G, the RoI uses grid_eff = min(grid, G) samples per bin, evenly spaced over the
-bin exactly as the reference would place grid_eff samples: (iy + 0.5) * bin / grid_eff. This is a
-coarser, still unbiased (midpoint-rule) estimate of the same bin average, and count uses grid_eff.
-RoIs whose grid fits in G are computed exactly. `max_grid` is required for sampling_ratio = 0 (a
-silent default would hide a change of numerics); it is ignored for sampling_ratio > 0.
+Adaptive grid (sampling_ratio = 0). Shapes must be static, so samples are taken `max_grid` (G)
+per bin and axis at a time. A RoI whose grid ceil(bin) exceeds G is computed in passes: pass
+(py, px) takes the samples iy in [py G, (py + 1) G) and ix in [px G, (px + 1) G), masked past the
+RoI's grid, and the passes' sums add up to the reference's sum over all grid_h x grid_w samples
+(only the float32 summation order differs). The number of passes is static: enough for the
+largest grid any RoI inside the feature map can have (ceil((extent + 1) / pooled) per axis), so
+every RoI that lies within its map (proposals and detections are clipped to the image) is
+computed exactly whatever its shape. A RoI reaching further than that (only possible for boxes
+outside the map) is sampled with the bound's number of evenly spaced points per bin, (iy + 0.5) *
+bin / grid_eff, a midpoint-rule estimate of the same bin average. Chunks whose RoIs all fit in G
+take one pass (the window path below); only chunks holding a larger RoI loop over passes.
+`max_grid` is required for sampling_ratio = 0 (a silent default would hide a change of cost); it
+is ignored for sampling_ratio > 0.
 
 Multi-level pooling (`roi_align_pyramid`). All pyramid levels are flattened into one [N * T, C]
 table (T = sum_l H_l * W_l) and every RoI gathers its taps from its own level, with a per-RoI
@@ -85,7 +91,8 @@ def _true_div(a, b):
   return a / jax.lax.optimization_barrier(b)
 
 
-def _axis_samples(lo, hi, scale, size, *, pooled, sampling_ratio, aligned, max_grid):
+def _axis_samples(lo, hi, scale, size, *, pooled, sampling_ratio, aligned, max_grid,
+                  grid_bound=None, first=0):
   """Bilinear taps of the samples along one axis (parity_spec 3.11 steps 1-6, one coordinate).
 
   Args:
@@ -95,13 +102,17 @@ def _axis_samples(lo, hi, scale, size, *, pooled, sampling_ratio, aligned, max_g
     pooled: static int, output bins along this axis.
     sampling_ratio: static int; > 0 fixed grid, 0 adaptive.
     aligned: static bool, subtract the half-pixel offset.
-    max_grid: static int, samples per bin allocated for sampling_ratio = 0.
+    max_grid: static int G, samples per bin taken at a time for sampling_ratio = 0.
+    grid_bound: static int >= max_grid, the largest adaptive grid sampled exactly (module
+      docstring); None = max_grid (one pass; the Pallas kernels' semantics).
+    first: int32 scalar (may be traced), index of the first sample of this pass (a multiple of G).
 
   Returns:
     i_lo, i_hi: [K, pooled, G] int32 lower / upper tap index, in [0, size - 1] (0 when masked).
     w_lo, w_hi: [K, pooled, G] float32 weights hy / ly (0 for invalid or masked samples).
-    grid: [K] int32, samples per bin used (grid_eff = min(grid, max_grid) when adaptive).
-    capped: [K] bool, the adaptive grid exceeded max_grid (always False for sampling_ratio > 0).
+    grid: [K] int32, samples per bin used (grid_eff = min(grid, grid_bound) when adaptive).
+    capped: [K] bool, the RoI's samples do not fit in one pass of G (always False for
+      sampling_ratio > 0).
   """
   f32 = jnp.float32
   offset = f32(0.5) if aligned else f32(0.0)
@@ -118,16 +129,17 @@ def _axis_samples(lo, hi, scale, size, *, pooled, sampling_ratio, aligned, max_g
     capped = jnp.zeros(lo.shape, bool)
   else:
     g_static = max_grid
+    bound = max_grid if grid_bound is None else grid_bound
     # roi_bin_grid_h = ceil(roi_height / pooled_height): <= 0 for inverted boxes, i.e. no samples
-    # (NaN boxes get none either). Capped at max_grid (module docstring).
+    # (NaN boxes get none either). Bounded by grid_bound (module docstring).
     grid_f = jnp.ceil(bin_size)  # the same float division as bin_size
     capped = grid_f > f32(max_grid)
-    grid_f = jnp.where(grid_f >= 1, jnp.minimum(grid_f, f32(max_grid)), f32(0))
+    grid_f = jnp.where(grid_f >= 1, jnp.minimum(grid_f, f32(bound)), f32(0))
     grid = grid_f.astype(jnp.int32)
   grid_den = jnp.maximum(grid, 1).astype(f32)
 
   ph = jnp.arange(pooled, dtype=f32)
-  g = jnp.arange(g_static, dtype=jnp.int32)
+  g = jnp.asarray(first, jnp.int32) + jnp.arange(g_static, dtype=jnp.int32)
   # y = roi_start_h + ph * bin_size_h + static_cast<T>(iy + .5f) * bin_size_h / grid (C++ order).
   base = start[:, None] + ph[None, :] * bin_size[:, None]                       # [K, P]
   step = _true_div((g.astype(f32) + f32(0.5))[None, :] * bin_size[:, None],
@@ -207,7 +219,7 @@ def _gather_pool(table, ry, wy, rx, wx, count):
 
 
 def _pool_flat(table, row_base, boxes, scale, height, width, *, output_size, sampling_ratio,
-               aligned, max_grid, roi_chunk):
+               aligned, max_grid, roi_chunk, max_hw):
   """RoIAlign from a flattened feature table; every RoI carries its own map geometry.
 
   Args:
@@ -216,6 +228,8 @@ def _pool_flat(table, row_base, boxes, scale, height, width, *, output_size, sam
     boxes: [K, 4] float32, (x1, y1, x2, y2) in image pixels.
     scale: [K] or scalar float32, spatial scale of the RoI's map.
     height, width: [K] or scalar int32, size of the RoI's map.
+    max_hw: static (H, W), the largest map height and width: bounds the adaptive grid of a RoI
+      inside its map, and so the number of passes (module docstring).
 
   Returns:
     [K, oh, ow, C] in table.dtype.
@@ -229,27 +243,40 @@ def _pool_flat(table, row_base, boxes, scale, height, width, *, output_size, sam
     if max_grid is None:
       raise ValueError(
           "roi_align with sampling_ratio=0 (adaptive grid) needs a static max_grid: the number of "
-          "samples per bin and axis allocated for every RoI (e.g. 8; the golden tests use 43). "
-          "RoIs whose grid ceil(roi_size / output_size) exceeds it are sampled with max_grid "
-          "evenly spaced points per bin.")
+          "samples per bin and axis taken per pass (e.g. 16; the golden tests use 43). RoIs whose "
+          "grid ceil(roi_size / output_size) exceeds it are computed in several passes.")
     if max_grid < 1:
       raise ValueError(f"max_grid must be >= 1, got {max_grid}")
   if k == 0:
     return jnp.zeros((0, oh, ow, c), table.dtype)
   boxes = boxes.astype(jnp.float32)
-  scale = jnp.asarray(scale, jnp.float32)
-  common = dict(sampling_ratio=sampling_ratio, aligned=aligned, max_grid=max_grid)
-  sx = _axis_samples(boxes[:, 0], boxes[:, 2], scale, width, pooled=ow, **common)
-  sy = _axis_samples(boxes[:, 1], boxes[:, 3], scale, height, pooled=oh, **common)
+  scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (k,))
+  height = jnp.broadcast_to(jnp.asarray(height, jnp.int32), (k,))
+  width = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (k,))
+  row_base = row_base.astype(jnp.int32)
+  # The largest adaptive grid of a RoI inside its map: roi <= extent (+ 1 for the unaligned
+  # minimum size and rounding), grid = ceil(roi / pooled).
+  bound_y = max(max_grid or 1, -(-(max_hw[0] + 1) // oh))
+  bound_x = max(max_grid or 1, -(-(max_hw[1] + 1) // ow))
+  n_py, n_px = -(-bound_y // (max_grid or 1)), -(-bound_x // (max_grid or 1))
+  multipass = sampling_ratio == 0 and n_py * n_px > 1
+
+  def samples(b, sc, h, w, first_y=0, first_x=0):
+    common = dict(sampling_ratio=sampling_ratio, aligned=aligned, max_grid=max_grid)
+    sx = _axis_samples(b[:, 0], b[:, 2], sc, w, pooled=ow, grid_bound=bound_x, first=first_x,
+                       **common)
+    sy = _axis_samples(b[:, 1], b[:, 3], sc, h, pooled=oh, grid_bound=bound_y, first=first_y,
+                       **common)
+    return sy, sx
+
+  sy, sx = samples(boxes, scale, height, width)
   # const T count = std::max(roi_bin_grid_h * roi_bin_grid_w, 1)
   count = jnp.maximum(sy[4] * sx[4], 1).astype(jnp.float32)
-  width_b = jnp.broadcast_to(jnp.asarray(width, jnp.int32), (k,))[:, None, None]
-  base_b = row_base.astype(jnp.int32)[:, None, None]
-  to_rows = lambda idx: idx * width_b + base_b
+  to_rows = lambda idx, w, base: idx * w[:, None, None] + base[:, None, None]
 
   ty, wty = _taps(*sy[:4])
   tx, wtx = _taps(*sx[:4])
-  operands = [to_rows(ty), wty, tx, wtx, count]
+  operands = [to_rows(ty, width, row_base), wty, tx, wtx, count]
   per_roi = oh * ow * ty.shape[-1] * tx.shape[-1]
   # The window (G + 1 slots) is smaller than the tap list (2G) from G = 2 on.
   use_window = sampling_ratio == 0 and max_grid > 1
@@ -257,7 +284,12 @@ def _pool_flat(table, row_base, boxes, scale, height, width, *, output_size, sam
     vy, wvy, spill_y = _window(*sy[:4], height)
     vx, wvx, spill_x = _window(*sx[:4], width)
     needs_taps = sy[5] | sx[5] | spill_y | spill_x
-    operands += [to_rows(vy), wvy, vx, wvx, needs_taps]
+    operands += [to_rows(vy, width, row_base), wvy, vx, wvx, needs_taps]
+  if multipass:
+    # Passes each RoI needs per axis; the geometry to recompute its taps pass by pass.
+    passes_y = -(-jnp.maximum(sy[4], 1) // max_grid)
+    passes_x = -(-jnp.maximum(sx[4], 1) // max_grid)
+    operands += [boxes, scale, height, width, row_base, passes_y, passes_x]
 
   if roi_chunk is None:
     # The taps path is the worst case (a chunk with a capped RoI).
@@ -274,13 +306,36 @@ def _pool_flat(table, row_base, boxes, scale, height, width, *, output_size, sam
     a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
     return a.reshape((n_chunks, roi_chunk) + a.shape[1:])
 
+  def all_passes(cnt, b, sc, h, w, base, py_need, px_need):
+    """The exact sum over every pass (py, px) that some RoI of the chunk needs."""
+    def one_pass(acc, p):
+      py, px = p // n_px, p % n_px
+
+      def run():
+        sy_p, sx_p = samples(b, sc, h, w, py * max_grid, px * max_grid)
+        ry, wy = _taps(*sy_p[:4])
+        rx, wx = _taps(*sx_p[:4])
+        return _gather_pool(table, to_rows(ry, w, base), wy, rx, wx, cnt)
+
+      needed = jnp.any((py < py_need) & (px < px_need))
+      return acc + jax.lax.cond(needed, run, lambda: jnp.zeros_like(acc)), None
+
+    acc0 = jnp.zeros((b.shape[0], oh, ow, c), jnp.float32)
+    acc, _ = jax.lax.scan(one_pass, acc0, jnp.arange(n_py * n_px, dtype=jnp.int32))
+    return acc
+
   def pool_chunk(args):
     if not use_window:
       return _gather_pool(table, *args).astype(table.dtype)
-    ry, wy, rx, wx, cnt, vy, wvy, vx, wvx, needs_taps = args
-    out = jax.lax.cond(jnp.any(needs_taps),
-                       lambda: _gather_pool(table, ry, wy, rx, wx, cnt),
-                       lambda: _gather_pool(table, vy, wvy, vx, wvx, cnt))
+    ry, wy, rx, wx, cnt, vy, wvy, vx, wvx, needs_taps = args[:10]
+    one = lambda: jax.lax.cond(jnp.any(needs_taps),
+                               lambda: _gather_pool(table, ry, wy, rx, wx, cnt),
+                               lambda: _gather_pool(table, vy, wvy, vx, wvx, cnt))
+    if not multipass:
+      return one().astype(table.dtype)
+    b, sc, h, w, base, py_need, px_need = args[10:]
+    out = jax.lax.cond(jnp.any((py_need > 1) | (px_need > 1)),
+                       lambda: all_passes(cnt, b, sc, h, w, base, py_need, px_need), one)
     return out.astype(table.dtype)
 
   out = jax.lax.map(pool_chunk, tuple(chunked(a) for a in operands))
@@ -305,11 +360,11 @@ def roi_align(features, boxes, batch_idx, *, output_size, spatial_scale, samplin
     output_size: int or (oh, ow).
     spatial_scale: float, feature pixels per image pixel (1 / stride).
     sampling_ratio: int; > 0 fixed sampling_ratio x sampling_ratio samples per bin, 0 adaptive
-      ceil(roi_size / output_size) per axis (bounded by max_grid, see the module docstring).
+      ceil(roi_size / output_size) per axis (taken max_grid at a time, see the module docstring).
     aligned: bool; True shifts by -0.5 pixel (torchvision aligned=True, detectron2 ROIAlignV2,
       mmcv default), False forces RoI sizes >= 1 (torchvision default, legacy Mask R-CNN).
-    max_grid: int, static bound of the adaptive grid per axis; required when sampling_ratio = 0,
-      ignored otherwise.
+    max_grid: int, samples per bin and axis of one pass of the adaptive grid (larger grids take
+      several passes); required when sampling_ratio = 0, ignored otherwise.
     roi_chunk: RoIs per `lax.map` step; None picks one so a chunk's taps x channels stay within
       2**24 elements.
 
@@ -322,7 +377,7 @@ def roi_align(features, boxes, batch_idx, *, output_size, spatial_scale, samplin
   row_base = jnp.asarray(batch_idx, jnp.int32) * (h * w)
   return _pool_flat(table, row_base, boxes, spatial_scale, h, w, output_size=_pair(output_size),
                     sampling_ratio=int(sampling_ratio), aligned=bool(aligned), max_grid=max_grid,
-                    roi_chunk=roi_chunk)
+                    roi_chunk=roi_chunk, max_hw=(h, w))
 
 
 def roi_align_pyramid(features: Sequence, boxes, batch_idx, levels, *, spatial_scales,
@@ -361,4 +416,5 @@ def roi_align_pyramid(features: Sequence, boxes, batch_idx, levels, *, spatial_s
   row_base = jnp.asarray(batch_idx, jnp.int32) * total + pick(offsets, jnp.int32)
   return _pool_flat(table, row_base, boxes, scale, height, width,
                     output_size=_pair(output_size), sampling_ratio=int(sampling_ratio),
-                    aligned=bool(aligned), max_grid=max_grid, roi_chunk=roi_chunk)
+                    aligned=bool(aligned), max_grid=max_grid, roi_chunk=roi_chunk,
+                    max_hw=(max(f.shape[1] for f in features), max(f.shape[2] for f in features)))

@@ -21,7 +21,8 @@ import pytest
 
 from pallas_kernels import roi_align as roi_align_lib
 
-GOLDEN_DIR = Path(__file__).resolve().parents[2].parent / "shared/reference/golden"
+# The repository's copy of the framework-produced goldens (tests/fixtures/golden/README.md).
+GOLDEN_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "golden"
 IMPLS = roi_align_lib.available_impls()
 KERNEL_IMPLS = ("pallas", "interpret")
 CASES = ("A", "B")
@@ -47,9 +48,8 @@ INVERTED = "inverted_x2<x1_y2<y1"
 @pytest.fixture(scope="module")
 def golden():
   path = GOLDEN_DIR / "roi_align.npz"
-  if not path.is_file():
-    pytest.skip(f"golden file {path} not found: the shared reference folder (../shared next to the "
-                "repository) is not available here")
+  if not path.is_file():  # a failure, not a skip: the fixture is part of the repository
+    raise FileNotFoundError(f"golden file {path} is missing (restore tests/fixtures/golden)")
   with np.load(path) as z:
     return {k: z[k] for k in z.files}
 
@@ -105,7 +105,8 @@ def numpy_roi_align(feats, boxes, bidx, *, output_size, spatial_scale, sampling_
   """Direct per-sample RoIAlign (parity_spec 3.11 steps 1-7) for cross-checks, NHWC.
 
   With max_grid, the adaptive grid is capped: min(grid, max_grid) evenly spaced samples per bin
-  (the documented semantics of the JAX reference).
+  (the semantics of the Pallas kernels; the reference caps only past what a RoI inside the map
+  can need).
   """
   n, h, w, c = feats.shape
   oh = ow = output_size
@@ -235,7 +236,8 @@ class TestRoIAlign:
     assert np.all(np.asarray(out[row]) == 0)
 
   def test_capped_adaptive_grid(self, impl):
-    """max_grid below the true grid: min(grid, max_grid) evenly spaced samples per bin."""
+    """max_grid below the true grid. The reference takes the samples in passes of max_grid and
+    is exact; the kernels take min(grid, max_grid) evenly spaced samples per bin."""
     h, w, c = 64, 80, 3
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     # Smooth features, so a coarser sampling of a bin stays close to the exact bin average.
@@ -250,10 +252,15 @@ class TestRoIAlign:
     kw = dict(output_size=7, spatial_scale=0.25, sampling_ratio=0, aligned=True)
     exact = _fn(impl, 7, 0, True, 16)(f, b, i, 0.25)
     capped = _fn(impl, 7, 0, True, 4)(f, b, i, 0.25)
+    np.testing.assert_allclose(exact, numpy_roi_align(feats, boxes, bidx, **kw), rtol=0, atol=1e-5)
+    if impl == "reference":
+      # Several passes of 4 samples: the exact algorithm, for every RoI inside the map.
+      np.testing.assert_allclose(capped, numpy_roi_align(feats, boxes, bidx, **kw),
+                                 rtol=0, atol=1e-5)
+      return
     # The documented semantics, exactly.
     np.testing.assert_allclose(capped, numpy_roi_align(feats, boxes, bidx, **kw, max_grid=4),
                                rtol=0, atol=1e-5)
-    np.testing.assert_allclose(exact, numpy_roi_align(feats, boxes, bidx, **kw), rtol=0, atol=1e-5)
     # Uncapped RoIs sharing a chunk with capped ones are exact; capped ones (inside the map, where
     # the features are smooth) stay close to the exact bin averages.
     np.testing.assert_allclose(capped[1], exact[1], rtol=0, atol=1e-6)
@@ -444,3 +451,42 @@ def test_triton_lowering_for_gpu():
     assert text.count("xla.gpu.triton") == 2  # the forward and one backward kernel
   for module in modules:
     assert module.operation.verify()
+
+
+def test_reference_multipass_matches_one_pass_with_gradients():
+  """The reference's passes (max_grid 3) give the one-pass result (max_grid 64), forward and
+  gradient, on a pyramid with RoIs needing up to 26 samples per bin; a RoI reaching far outside
+  its map (grid 150 > the bound ceil((extent + 1) / 7)) is sampled with the bound's evenly
+  spaced points, as the one-pass computation capped at the same number."""
+  rng = np.random.default_rng(3)
+  feats = [rng.standard_normal((2, 48, 40, 5)).astype(np.float32),
+           rng.standard_normal((2, 24, 20, 5)).astype(np.float32)]
+  boxes = np.array([[1, 2, 150, 30], [0, 0, 160, 190], [40, 5, 60, 180], [3, 3, 9, 8],
+                    [-4000, 10, 60, 50]], np.float32)
+  bidx = np.array([0, 1, 1, 0, 1], np.int32)
+  levels = np.array([0, 1, 0, 0, 0], np.int32)
+  kw = dict(spatial_scales=[0.25, 0.125], output_size=7, sampling_ratio=0, aligned=True)
+
+  def pooled(max_grid):
+    def f(fs):
+      return roi_align_lib.reference.roi_align_pyramid(fs, boxes, bidx, levels, max_grid=max_grid,
+                                                       **kw)
+    return f
+
+  # RoI 4 is sampled differently by the two (7 vs 64 points per bin): no cotangent on it.
+  cot = [rng.standard_normal((5, 7, 7, 5)).astype(np.float32) * (np.arange(5) < 4)[:, None, None,
+                                                                                  None]]
+  outs, grads = {}, {}
+  for g in (3, 64):
+    fn = jax.jit(pooled(g))
+    outs[g] = np.asarray(fn(feats))
+    grads[g] = jax.grad(lambda fs: jnp.sum(fn(fs) * cot[0]))(feats)
+  bound_x = -(-(40 + 1) // 7)  # the widest map is 40: RoI 4 is capped at 6 samples along x
+  assert bound_x == 6
+  np.testing.assert_allclose(outs[3][:4], outs[64][:4], rtol=0, atol=2e-6)
+  for a, b in zip(grads[3], grads[64]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+  # RoI 4: x extent 4060 / 4 / 7 -> grid 145, sampled at bound_x points per bin (y: grid 2).
+  ref = numpy_roi_align(feats[0][1:2], boxes[4:5], np.zeros(1, np.int32), output_size=7,
+                        spatial_scale=0.25, sampling_ratio=0, aligned=True, max_grid=bound_x)
+  np.testing.assert_allclose(outs[3][4], ref[0], rtol=0, atol=1e-5)

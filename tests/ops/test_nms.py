@@ -88,6 +88,30 @@ def test_mm_nms_with_torch_unstable_order(tk, jitted):
   np.testing.assert_array_equal(scores[got], dets[:, 4])
 
 
+@pytest.mark.parametrize("tk", sorted(THRESHOLDS))
+def test_trick_decided_by_the_number_of_boxes(tk):
+  """torchvision's rule: the trick up to the limit (in boxes), per-class NMS above it, decided
+  at run time from the valid count (the golden call holds 300 boxes)."""
+  g = golden.load("nms")
+  boxes, scores, idxs = _inputs(g)
+  trick, vanilla = g[f"tv_batched_nms_iou{tk}_f32"], g[f"tv_batched_nms_vanilla_iou{tk}_f32"]
+  assert nms_ops.trick_applies(300, -1, 300) is False
+  assert nms_ops.trick_applies(300, 300, 300) is True  # the static size decides
+  run = jax.jit(lambda limit, b, s, i, v: nms_ops.batched_nms(
+      b, s, i, iou_threshold=THRESHOLDS[tk], max_output=MAX_OUT, valid=v,
+      coordinate_trick=nms_ops.trick_applies(jnp.sum(v), limit, v.shape[0])),
+      static_argnums=0)
+  # 300 real boxes + 20 invalid rows (static size 320, so the decision is made at run time).
+  pad = np.zeros((20, 4), np.float32)
+  b2, s2 = np.concatenate([boxes, pad]), np.concatenate([scores, np.zeros(20, np.float32)])
+  i2, v2 = np.concatenate([idxs, np.zeros(20, idxs.dtype)]), np.arange(320) < 300
+  np.testing.assert_array_equal(_kept(run(300, b2, s2, i2, v2)), trick)
+  got = _kept(run(299, b2, s2, i2, v2))
+  np.testing.assert_array_equal(np.sort(got), np.sort(vanilla))
+  # The two differ (4 boxes), so the limit really switched the algorithm.
+  assert set(trick) != set(vanilla)
+
+
 def test_float64_paths():
   """torchvision also runs in float64: nms, batched (trick) and vanilla."""
   g = golden.load("nms")

@@ -253,8 +253,10 @@ def _np_roi_align_full(mask, box, *, aligned, out=28):
   return res
 
 
-def test_mask_targets_exact_when_crop_is_the_bitmap():
-  """Integer GT box and S = box size: the crop is the bitmap, so the RoIAlign is reproduced."""
+@pytest.mark.parametrize("max_grid", [1, 8])
+def test_mask_targets_exact_when_crop_is_the_bitmap(max_grid):
+  """Integer GT box and S = box size: the crop is the bitmap, so the RoIAlign is reproduced; also
+  when the grid (2 samples per bin for the larger RoIs) exceeds max_grid (several passes)."""
   h, w = 40, 48
   mask = np.zeros((h, w), np.float32)
   yy, xx = np.mgrid[:h, :w]
@@ -285,7 +287,7 @@ def test_mask_targets_exact_when_crop_is_the_bitmap():
   for aligned in (True, False):
     got = np.asarray(_mask_targets(
         rois, np.tile(box, (k, 1)), np.tile(crop, (k, 1, 1)), (h, w), aligned=aligned,
-        clip_to_canvas=False, binarize=False, max_grid=8))
+        clip_to_canvas=False, binarize=False, max_grid=max_grid))
     for i in range(k):
       want = _np_roi_align_full(mask, rois[i], aligned=aligned)
       np.testing.assert_allclose(got[i], want, atol=2e-5, err_msg=f"roi {i} aligned={aligned}")

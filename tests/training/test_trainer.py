@@ -156,6 +156,8 @@ def test_workdir_files(tmp_path, cache_dir):
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["model"]["num_classes"] == 5 and saved["category_ids"] == [1, 2, 3, 4, 5]
   assert saved["data"]["train_json"].endswith("instances_train.json")
+  # The BatchNorm eps the run used is recorded (no checkpoint decided it: the convention's).
+  assert saved["model"]["norm_eps"] == 1e-5
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [1, 2, 3]
   assert {"train/loss", "train/lr", "train/loss_box", "train/grad_norm"} <= set(lines[0])
