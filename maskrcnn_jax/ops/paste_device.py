@@ -29,7 +29,6 @@ soft values can then differ below 1e-38, which never changes a >= 0.5 / > 0.5 de
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import List, Optional, Sequence, Tuple
 
@@ -37,15 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskrcnn_jax.ops import paste as paste_lib
-
-TILE = 32  # pixels per tile side; a multiple of 8 (packed rows)
-MIN_CHUNK = 64  # smallest number of tiles per device call (then 128, 256, ... up to chunk_tiles)
-_TV_LIMIT = 1 << 30  # torchvision integer boxes beyond this are pasted on the host
-
-# Columns of the tile table.
-_DET, _TY, _TX, _EY, _EX, _BX0, _BY0, _BX1, _BY1 = range(9)
-_COLUMNS = 9
+from maskrcnn_jax.ops.paste_plan import (BX0, BX1, BY0, BY1, COLUMNS, DET, EX, EY, TILE, TX, TY,
+                                         TilePlan, chunk_sizes, plan_tiles, unpack_windows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,10 +86,10 @@ def _grid_sample_tiles(padded: jax.Array, boxes: jax.Array, table: jax.Array, ma
   """Soft grid_sample values of each tile, [T, tile, tile] float32 (ops/paste.py twin)."""
   mh, mw = mask_hw
   f32 = jnp.float32
-  det = table[:, _DET]
+  det = table[:, DET]
   offs = jnp.arange(tile, dtype=jnp.int32)
-  rows = table[:, _TY, None] + offs  # [T, tile] image rows
-  cols = table[:, _TX, None] + offs
+  rows = table[:, TY, None] + offs  # [T, tile] image rows
+  cols = table[:, TX, None] + offs
   box = boxes[det]  # [T, 4] float32
   one = f32(1)
 
@@ -171,15 +163,15 @@ def _tv_legacy_tiles(padded: jax.Array, table: jax.Array, mask_hw, tile: int) ->
   `paste_mask_tv_legacy` and `transforms.bilinear_from_indices` twins)."""
   mh, mw = mask_hw
   in_h, in_w = mh + 2, mw + 2
-  det = table[:, _DET]
+  det = table[:, DET]
   offs = jnp.arange(tile, dtype=jnp.int32)
-  bx0, by0 = table[:, _BX0, None], table[:, _BY0, None]
-  out_w = jnp.maximum(table[:, _BX1, None] - bx0 + 1, 1)
-  out_h = jnp.maximum(table[:, _BY1, None] - by0 + 1, 1)
+  bx0, by0 = table[:, BX0, None], table[:, BY0, None]
+  out_w = jnp.maximum(table[:, BX1, None] - bx0 + 1, 1)
+  out_h = jnp.maximum(table[:, BY1, None] - by0 + 1, 1)
   # Output positions of the tile in the resized (out_h, out_w) box image; positions outside it
   # (padding, pixels past the window) are clamped and cleared later.
-  dst_y = jnp.clip(table[:, _TY, None] + offs - by0, 0, out_h - 1)
-  dst_x = jnp.clip(table[:, _TX, None] + offs - bx0, 0, out_w - 1)
+  dst_y = jnp.clip(table[:, TY, None] + offs - by0, 0, out_h - 1)
+  dst_x = jnp.clip(table[:, TX, None] + offs - bx0, 0, out_w - 1)
   h0, h1, lh0, lh1 = _tv_source(dst_y, in_h, out_h)
   w0, w1, lw0, lw1 = _tv_source(dst_x, in_w, out_w)
   flat = padded.reshape(-1)
@@ -245,8 +237,8 @@ def soft_tiles(probs: jax.Array, boxes: jax.Array, table: jax.Array, *, method: 
   else:
     raise ValueError(f"unknown paste method {method!r}; expected 'grid_sample' or 'tv_legacy'")
   offs = jnp.arange(tile, dtype=jnp.int32)
-  inside = (((table[:, _TY, None] + offs) < table[:, _EY, None])[:, :, None]
-            & ((table[:, _TX, None] + offs) < table[:, _EX, None])[:, None, :])
+  inside = (((table[:, TY, None] + offs) < table[:, EY, None])[:, :, None]
+            & ((table[:, TX, None] + offs) < table[:, EX, None])[:, None, :])
   return soft, inside
 
 
@@ -257,136 +249,8 @@ def _jitted(method: str, threshold: float, inclusive: bool, inf_to_zero: bool, t
 
 
 # ------------------------------------------------------------------------------------------------
-# Host plan and unpacking
+# Dispatch and collection (the plan and the unpacking are ops/paste_plan.py)
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TilePlan:
-  """Where each detection's window lies and which tiles cover it.
-
-  windows: [N, 4] int64 (y0, x0, h, w) window of each detection in its image (h or w 0: nothing
-    pasted, the box lies outside the image).
-  grid: [N, 2] int64 (tiles down, tiles across) per detection.
-  first: [N + 1] int64 offsets of each detection's tiles in `table`.
-  table: [T, 9] int32 tile rows (`paste_tiles`).
-  host: indices of detections pasted on the host instead (torchvision boxes beyond 2^30 pixels).
-  """
-  windows: np.ndarray
-  grid: np.ndarray
-  first: np.ndarray
-  table: np.ndarray
-  host: np.ndarray
-
-
-def window_bounds(boxes: np.ndarray, image_hw: np.ndarray, method: str, mask_size: int
-                  ) -> Tuple[np.ndarray, np.ndarray]:
-  """Each detection's paste window, vectorized: exactly the windows of ops/paste.py.
-
-  Args:
-    boxes: [N, 4] float32 xyxy paste boxes in original-image pixels.
-    image_hw: [N, 2] int (H, W) of each detection's image.
-    method: 'grid_sample' (`paste.grid_sample_window_bounds`) or 'tv_legacy' (the in-image part of
-      `paste.tv_legacy_expanded_box`, rows / columns [max(b, 0), min(b_end + 1, size))).
-    mask_size: M (tv_legacy's expansion is (M + 2) / M).
-
-  Returns:
-    (windows [N, 4] int64 (y0, x0, h, w), tv_boxes [N, 4] int64 expanded integer boxes (zeros for
-    grid_sample)).
-
-  Raises:
-    ValueError: a non-finite torchvision box (as `paste.tv_legacy_expanded_box`).
-  """
-  b = np.asarray(boxes, np.float32).reshape(-1, 4)
-  hw = np.asarray(image_hw, np.int64).reshape(-1, 2)
-  h_img, w_img = hw[:, 0], hw[:, 1]
-  n = len(b)
-  tv = np.zeros((n, 4), np.int64)
-  if method == "grid_sample":
-    finite = np.all(np.isfinite(b), axis=1)
-    b64 = np.where(finite[:, None], b.astype(np.float64), 0.0)
-    x0 = np.clip(np.floor(b64[:, 0]) - 1, 0, w_img).astype(np.int64)
-    y0 = np.clip(np.floor(b64[:, 1]) - 1, 0, h_img).astype(np.int64)
-    x1 = np.clip(np.ceil(b64[:, 2]) + 1, 0, w_img).astype(np.int64)
-    y1 = np.clip(np.ceil(b64[:, 3]) + 1, 0, h_img).astype(np.int64)
-    x1 = np.where(finite, x1, x0)
-    y1 = np.where(finite, y1, y0)
-  elif method == "tv_legacy":
-    scale = np.float32(float(mask_size + 2) / mask_size)
-    half = np.float32(0.5)
-    with np.errstate(invalid="ignore", over="ignore"):
-      # The float32 expressions of `paste.tv_legacy_expanded_box`, elementwise.
-      w_half = (b[:, 2] - b[:, 0]) * half * scale
-      h_half = (b[:, 3] - b[:, 1]) * half * scale
-      x_c = (b[:, 2] + b[:, 0]) * half
-      y_c = (b[:, 3] + b[:, 1]) * half
-      exp = np.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], 1).astype(np.float32)
-    bad = ~np.all(np.isfinite(exp), axis=1)
-    if bad.any():
-      raise ValueError(f"non-finite box {b[np.flatnonzero(bad)[0]]}")
-    tv = np.trunc(exp.astype(np.float64)).astype(np.int64)
-    x0, y0 = np.maximum(tv[:, 0], 0), np.maximum(tv[:, 1], 0)
-    x1, y1 = np.minimum(tv[:, 2] + 1, w_img), np.minimum(tv[:, 3] + 1, h_img)
-  else:
-    raise ValueError(f"unknown paste method {method!r}; expected 'grid_sample' or 'tv_legacy'")
-  h = np.maximum(y1 - y0, 0)
-  w = np.maximum(x1 - x0, 0)
-  empty = (h == 0) | (w == 0)
-  windows = np.stack([np.where(empty, 0, y0), np.where(empty, 0, x0),
-                      np.where(empty, 0, h), np.where(empty, 0, w)], 1).astype(np.int64)
-  return windows, tv
-
-
-def plan_tiles(det_index: np.ndarray, boxes: np.ndarray, image_hw: np.ndarray, *, method: str,
-               mask_size: int, tile: int = TILE) -> TilePlan:
-  """The tiles covering each detection's paste window.
-
-  Args:
-    det_index: [N] int index of each detection in the flattened leading axes of the device arrays
-      `paste_tiles` reads.
-    boxes: [N, 4] float32 the same paste boxes, on the host.
-    image_hw: [N, 2] (or [2], shared) int (H, W) of each detection's image.
-    method, mask_size: see `window_bounds`.
-    tile: tile side.
-
-  Returns:
-    `TilePlan`, tiles ordered by detection, row-major inside a detection.
-  """
-  det_index = np.asarray(det_index, np.int64).reshape(-1)
-  n = len(det_index)
-  hw = np.broadcast_to(np.asarray(image_hw, np.int64).reshape(-1, 2), (n, 2))
-  windows, tv = window_bounds(boxes, hw, method, mask_size)
-  host = np.flatnonzero(np.any(np.abs(tv) >= _TV_LIMIT, axis=1))
-  windows[host] = 0  # pasted on the host; no tiles
-  grid = -(-windows[:, 2:] // tile)  # ceil
-  counts = grid[:, 0] * grid[:, 1]
-  first = np.zeros(n + 1, np.int64)
-  np.cumsum(counts, out=first[1:])
-  total = int(first[-1])
-  table = np.zeros((total, _COLUMNS), np.int32)
-  if total:
-    owner = np.repeat(np.arange(n), counts)
-    k = np.arange(total) - first[owner]  # tile number inside its detection
-    tw = grid[owner, 1]
-    table[:, _DET] = det_index[owner]
-    table[:, _TY] = windows[owner, 0] + (k // tw) * tile
-    table[:, _TX] = windows[owner, 1] + (k % tw) * tile
-    table[:, _EY] = windows[owner, 0] + windows[owner, 2]
-    table[:, _EX] = windows[owner, 1] + windows[owner, 3]
-    table[:, _BX0:_BY1 + 1] = tv[owner]
-  return TilePlan(windows, grid, first, table, host)
-
-
-def chunk_sizes(num_tiles: int, chunk_tiles: int) -> List[int]:
-  """Static chunk sizes (powers of two, MIN_CHUNK..chunk_tiles) covering num_tiles tiles."""
-  chunk_tiles = max(int(chunk_tiles), 1)
-  out = []
-  left = int(num_tiles)
-  while left > 0:
-    size = min(chunk_tiles, max(MIN_CHUNK, 1 << (left - 1).bit_length()))
-    out.append(size)
-    left -= size
-  return out
 
 
 def dispatch(plan: TilePlan, probs: jax.Array, boxes: jax.Array, *, method: str,
@@ -404,7 +268,7 @@ def dispatch(plan: TilePlan, probs: jax.Array, boxes: jax.Array, *, method: str,
   out, start = [], 0
   with jax.enable_x64(True):
     for size in chunk_sizes(len(plan.table), chunk_tiles):
-      part = np.zeros((size, _COLUMNS), np.int32)
+      part = np.zeros((size, COLUMNS), np.int32)
       rows = plan.table[start:start + size]
       part[:len(rows)] = rows  # padding rows: window end 0, nothing inside
       out.append(fn(probs, boxes, jax.device_put(part, device)))
@@ -417,23 +281,6 @@ def gather_packed(plan: TilePlan, chunks: Sequence[jax.Array]) -> np.ndarray:
   if not chunks:
     return np.zeros((0, TILE, TILE // 8), np.uint8)
   return np.concatenate([np.asarray(c) for c in chunks])[:len(plan.table)]
-
-
-def unpack_window(packed: np.ndarray, grid: Sequence[int], hw: Sequence[int]) -> np.ndarray:
-  """One detection's [h, w] bool window from its [th * tw, tile, tile // 8] packed tiles."""
-  th, tw = int(grid[0]), int(grid[1])
-  h, w = int(hw[0]), int(hw[1])
-  if h == 0 or w == 0:
-    return np.zeros((h, w), bool)
-  tile, row_bytes = packed.shape[1], packed.shape[2]
-  rows = packed.reshape(th, tw, tile, row_bytes).transpose(0, 2, 1, 3).reshape(th * tile, -1)
-  return np.unpackbits(rows[:h], axis=1, count=w).view(bool)
-
-
-def unpack_windows(plan: TilePlan, packed: np.ndarray) -> List[np.ndarray]:
-  """Every detection's [h, w] bool window (host-pasted detections excluded: empty)."""
-  return [unpack_window(packed[plan.first[i]:plan.first[i + 1]], plan.grid[i],
-                        plan.windows[i, 2:]) for i in range(len(plan.windows))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,24 +317,7 @@ def paste_windows(masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int],
                     method=method, threshold=threshold, inclusive=inclusive,
                     inf_to_zero=inf_to_zero, chunk_tiles=chunk_tiles, device=device)
   windows = unpack_windows(plan, gather_packed(plan, chunks))
-  out = [(int(plan.windows[i, 0]), int(plan.windows[i, 1]), windows[i]) for i in range(n)]
-  for i in plan.host:
-    out[i] = host_paste_window(masks[i], boxes[i], image_hw, method, threshold, inclusive,
-                               inf_to_zero)
-  return out
-
-
-def host_paste_window(mask: np.ndarray, box: np.ndarray, image_hw: Sequence[int], method: str,
-                      threshold: float, inclusive: bool, inf_to_zero: bool
-                      ) -> Tuple[int, int, np.ndarray]:
-  """The host paste of one detection with a threshold rule (ops/paste.py)."""
-  if method == "grid_sample":
-    y0, x0, soft = paste_lib.paste_mask_grid_sample_soft(mask, box, image_hw,
-                                                         inf_to_zero=inf_to_zero)
-  else:
-    y0, x0, soft = paste_lib.paste_mask_tv_legacy(mask, box, image_hw)
-  thr = np.float32(threshold)
-  return y0, x0, (soft >= thr) if inclusive else (soft > thr)
+  return [(int(plan.windows[i, 0]), int(plan.windows[i, 1]), windows[i]) for i in range(n)]
 
 
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int], **kwargs
@@ -499,9 +329,3 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int], *
   for i, (y0, x0, win) in enumerate(windows):
     out[i, y0:y0 + win.shape[0], x0:x0 + win.shape[1]] = win
   return out
-
-
-def tiles_bytes(plan: TilePlan, tile: int = TILE) -> int:
-  """Bytes the device sends back for `plan` (before chunk padding)."""
-  return int(len(plan.table)) * tile * tile // 8
-
