@@ -159,6 +159,11 @@ def test_full_run_outputs(data, full_run):
   # scored with mask_score, bbox with the class score).
   again = coco_eval.evaluate_results(gt, preds, per_class=True, log=None)
   assert _printed(again) == _printed(metrics)
+  # The default scorer (faster-coco-eval) and pycocotools agree on the model's results.
+  ref = coco_eval.evaluate_results(gt, preds, per_class=True, log=None, scorer="pycocotools")
+  for t in metrics:
+    for k, v in metrics[t].items():
+      assert (math.isnan(v) and math.isnan(ref[t][k])) or abs(v - ref[t][k]) <= 1e-10, (t, k)
   text = "\n".join(full_run["logs"])
   assert "2 padded sizes" in text and "img/s" in text and "| segm |" in text
 
