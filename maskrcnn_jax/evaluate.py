@@ -151,7 +151,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
   log = kwargs.get("log", evaluator._default_log)  # pylint: disable=protected-access
   annotation_file, image_dir = resolve_val_set(config)
   found = resolve_checkpoint(checkpoint)
-  log(f"checkpoint: {found.path} ({'training checkpoint' if found.kind == 'train_step' else 'converted'})")
+  kind = "training checkpoint" if found.kind == "train_step" else "converted"
+  log(f"checkpoint: {found.path} ({kind})")
   if found.config_dir:
     adopt_checkpoint_classes(config, found.config_dir, log)
   variables = found.load_variables()

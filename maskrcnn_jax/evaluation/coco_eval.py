@@ -19,8 +19,8 @@ processes import this module).
   (small / medium / large) use the mask area; all three references do this (mmdet
   `CocoDataset.evaluate` pops 'bbox' since v2.12, detectron2 `_evaluate_predictions_on_coco`,
   torchvision's reference `prepare_for_coco_segmentation` never adds it).
-* pycocotools only: `num_workers > 1` runs COCOeval's per-image evaluation (`computeIoU` + `evaluateImg`, the slow
-  part) in worker processes over contiguous chunks of the sorted image ids and merges the
+* pycocotools only: `num_workers > 1` runs COCOeval's per-image evaluation (`computeIoU` +
+  `evaluateImg`, the slow part) in worker processes over contiguous chunks of the sorted image ids and merges the
   per-image records in COCOeval's own order before `accumulate()`. Each record depends only on its
   (image, category, area range), so the numbers are identical to the serial run (tested).
 """

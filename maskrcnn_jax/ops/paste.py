@@ -276,7 +276,8 @@ def paste_mask(mask: np.ndarray, box: np.ndarray, image_hw: Sequence[int], metho
   Args:
     mask: [M, M] float32 probabilities. box: [4] float32 xyxy in original-image pixels.
     image_hw: (H, W). method: 'grid_sample' | 'tv_legacy'. threshold, inclusive: soft >= threshold
-      (inclusive) or soft > threshold. inf_to_zero: grid_sample only (`paste_mask_grid_sample_soft`).
+      (inclusive) or soft > threshold. inf_to_zero: grid_sample only
+      (`paste_mask_grid_sample_soft`).
 
   Returns:
     (y0, x0, window [h, w] bool), as `paste_mask_grid_sample`.

@@ -1,7 +1,7 @@
 """Mask paste on the accelerator, bit-identical to the host paste (ops/paste.py, parity_spec 3.13).
 
-detectron2 pastes on the GPU (`layers/mask_ops.py:paste_masks_in_image`, `_do_paste_mask` over chunks
-of detections into the full image grid). Here the work is cut into fixed-size tiles instead, so that
+detectron2 pastes on the GPU (`layers/mask_ops.py:paste_masks_in_image`, `_do_paste_mask` over
+chunks of detections into the full image grid). Here the work is cut into fixed-size tiles instead, so that
 every shape is static, device memory is bounded and only the pixels near a box are computed and
 moved:
 
@@ -143,7 +143,7 @@ def _tv_source(dst: jax.Array, in_size: int, out_size: jax.Array):
   out_size int32 [T, 1]): (i0, i1, lambda0, lambda1)."""
   f32, f64 = jnp.float32, jnp.float64
   ratio = _div_f32(jnp.full(out_size.shape, in_size, f32), out_size.astype(f32))
-  # ratio * (dst + 0.5) - 0.5: exact in float64 (a 24-bit ratio times a 25-bit number), one rounding.
+  # ratio * (dst + 0.5) - 0.5: exact in float64 (24-bit ratio times 25-bit number), one rounding.
   src = (ratio.astype(f64) * (dst.astype(f64) + 0.5) - 0.5).astype(f32)
   src = jnp.maximum(src, f32(0))
   i0 = jnp.minimum(jnp.floor(src), f32(in_size - 1)).astype(jnp.int32)
