@@ -427,14 +427,15 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
     """Fetches the small outputs and starts the paste on each local device (asynchronous)."""
     host_out = fetch(out)
     boxes_on = {shard.device: shard for shard in out["paste_boxes"].addressable_shards}
-    started = []
+    started, seen = [], set()
     for shard in out["mask_probs"].addressable_shards:
       per_slot = shard.data.shape[1]  # detections per image
       det_index, boxes, hws, owners = [], [], [], []
       for j, slot in enumerate(range(*shard.index[0].indices(global_batch))):
         im = batch.images[slot]
-        if im is None:
+        if im is None or slot in seen:  # a dummy slot, or a replica of one already pasted
           continue
+        seen.add(slot)
         job, keep = base_job(im, host_out, slot)
         det_index.append(j * per_slot + keep)
         boxes.append(host_out["paste_boxes"][slot][keep])
