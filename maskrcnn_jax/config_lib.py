@@ -172,6 +172,7 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   c.train = train_config()
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   c.kernels = ml_collections.ConfigDict(dict(roi_align="auto"))
+  c.eval = eval_config()
   # A converted checkpoint directory (python -m maskrcnn_jax.convert) or a zoo file (.pth / .pkl,
   # converted on the fly) to start training from; class-dependent layers are re-initialised when
   # num_classes differs (maskrcnn_jax/training/checkpointing.py:load_init).
@@ -279,6 +280,19 @@ def train_config() -> ml_collections.ConfigDict:
       async_checkpoints=True, eval_every=0, final_eval=True, data_seed=-1,
       rpn_batch_per_image=256, roi_batch_per_image=512, rpn_positive_fraction=0.5,
       roi_positive_fraction=0.25))
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """COCO evaluation (maskrcnn_jax/evaluation/evaluator.py; training's evaluations use it too).
+
+  paste: 'device' (masks pasted on the accelerator in tiles around each box, ops/paste_device.py)
+  or 'host' (the 28x28 probabilities pasted by host worker processes, ops/paste.py); bitwise the
+  same masks. scorer: 'auto' (faster-coco-eval when installed, else pycocotools),
+  'faster_coco_eval' or 'pycocotools'. batch_size_per_device / num_workers: training's evaluations
+  (the evaluate CLI has flags).
+  """
+  return ml_collections.ConfigDict(dict(paste="device", scorer="auto", batch_size_per_device=1,
+                                        num_workers=2))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -111,6 +111,26 @@ class Checkpointer:
     self._manager.close()
 
 
+def load_step_variables(step_dir: str) -> Dict[str, Any]:
+  """{'params', 'batch_stats'} of one training checkpoint `<workdir>/checkpoints/<step>` as numpy.
+
+  Only those two items of the saved TrainState are read (orbax partial restore; the optimizer
+  state stays on disk), with no device placement, so any machine can read any run's checkpoint.
+  """
+  path = os.path.join(os.path.abspath(step_dir), "state")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    wanted = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                          wanted)
+    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                          partial_restore=True))
+  out = dict(out)
+  out.setdefault("batch_stats", {})
+  return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Initialization from a converted or zoo checkpoint (config.init)
 # ------------------------------------------------------------------------------------------------

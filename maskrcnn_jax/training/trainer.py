@@ -4,7 +4,9 @@ What a run writes into `workdir` (process 0 only, except checkpoints, which ever
 
   config.json                 the resolved config (with the dataset paths and category ids)
   metrics.jsonl               one JSON object per logged step (loss terms, lr, grad norm, img/s)
-                              and per periodic evaluation ('eval/bbox/AP', ...)
+                              and per periodic evaluation ('eval/bbox/AP', ...; written when its
+                              COCOeval, which runs in a background thread, is done, so possibly
+                              after lines of later steps)
   tensorboard/events.out.tfevents.*   the same scalars for TensorBoard (metric_writers.py)
   checkpoints/<step>/         orbax checkpoints (checkpointing.py), the last train.keep_checkpoints
   metrics.json, predictions.json      the final COCO evaluation (evaluation/evaluator.py):
@@ -22,6 +24,7 @@ the interval, the learning rate, images per second and the ETA.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import logging
 import math
@@ -141,10 +144,12 @@ def _take_train_keys(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 def run_evaluation(config: ml_collections.ConfigDict, variables: Any, *, workdir: Optional[str],
-                   mesh=None) -> Optional[Dict[str, Dict[str, float]]]:
+                   mesh=None, background: Optional[concurrent.futures.Executor] = None) -> Any:
   """COCO evaluation on config.data.val_json through maskrcnn_jax.evaluation.evaluator.
 
-  Returns None (with a log line) when there is no val set or no evaluator module.
+  With `background` (a thread pool), only the inference runs now; COCOeval runs there and a Future
+  of the metrics is returned (`evaluator.evaluate_in_background`). Returns None (with a log line)
+  when there is no val set or no evaluator module.
   """
   if not config.data.get("val_json", ""):
     _print("no config.data.val_json: skipping evaluation")
@@ -160,6 +165,8 @@ def run_evaluation(config: ml_collections.ConfigDict, variables: Any, *, workdir
                 num_workers=int(ev.get("num_workers", 2)), log=_print)
   if mesh is not None:
     kwargs["mesh"] = mesh
+  if background is not None:
+    return evaluator.evaluate_in_background(config, variables, executor=background, **kwargs)
   return evaluator.evaluate(config, variables, **kwargs)
 
 
@@ -353,6 +360,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_saved = start_step
   t_window, n_window = None, 0
   t_first_done = None
+  # Periodic evaluations: the inference holds up training, COCOeval runs on this thread and its
+  # metrics are written once ready (checked every step, all awaited before the final evaluation).
+  scoring = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coco-eval")
+  scored: List[Tuple[int, concurrent.futures.Future]] = []
+
+  def write_scored(wait: bool = False) -> None:
+    while scored and (wait or scored[0][1].done()):
+      eval_step, future = scored.pop(0)
+      writer.write_scalars(eval_step, _flat_eval(future.result()))
 
   def check_finite(step_no: int, metrics: Dict[str, Any]) -> None:
     if float(jax.device_get(metrics["finite"])) > 0:
@@ -410,17 +426,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.save(step, state, loader.state())
         last_saved = step
       if eval_every and step % eval_every == 0 and step < total_steps:
-        metrics_eval = run_evaluation(config, {"params": state.params,
-                                               "batch_stats": state.batch_stats},
-                                      workdir=None, mesh=mesh)
-        if metrics_eval:
-          writer.write_scalars(step, _flat_eval(metrics_eval))
+        future = run_evaluation(config, {"params": state.params,
+                                         "batch_stats": state.batch_stats},
+                                workdir=None, mesh=mesh, background=scoring)
+        if future is not None:
+          scored.append((step, future))
+      write_scored()
+    write_scored(wait=True)
     if pending is not None:
       check_finite(*pending)
     if last_saved != step and step > start_step:
       ckpt.save(step, state, loader.state())
     ckpt.wait_until_finished()
   finally:
+    scoring.shutdown(wait=True)
     ckpt.close()
     loader.close()
   train_time = time.time() - t_start
