@@ -7,7 +7,6 @@ as did every detectron2 one; mmdet reads it from `norm_cfg` (stored in the check
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 from pathlib import Path
 
