@@ -58,21 +58,24 @@ def time_train_step(c, global_batch: int, hw, *, instances: int = 7, steps: int 
   import jax
   import jax.numpy as jnp
   from maskrcnn_jax.modeling.build import build_model, init_variables
+  from maskrcnn_jax.training import loss_scale as loss_scale_lib
   from maskrcnn_jax.training import optimizer, sharding, train_state, trainer
 
   mesh = sharding.make_mesh(-1) if mesh is None else mesh
+  loss_scale = loss_scale_lib.from_config(c)  # float16: the run's loss scaling
   model = build_model(c, train=True)
   variables = init_variables(model, jax.random.PRNGKey(0))
   schedule = optimizer.make_schedule(c, global_batch=global_batch, steps_per_epoch=1000)
   tx = optimizer.build_optimizer(c, variables["params"], schedule)
   state = train_state.place_state(
-      train_state.create_train_state(variables, tx, jax.random.PRNGKey(1)), mesh)
+      train_state.create_train_state(variables, tx, jax.random.PRNGKey(1),
+                                     loss_scale=loss_scale), mesh)
   # The sampler settings the trainer passes (train.rpn/roi_batch_per_image; the references' 256 /
   # 512 when unset): at small image sizes the RoI heads dominate the step.
   loss_kwargs = trainer.sampler_kwargs(c.train)
   step_fn = train_state.make_train_step(
       model, tx, schedule, mesh, state, compute_dtype=jnp.dtype(c.model.get("dtype", "float32")),
-      loss_kwargs=loss_kwargs)
+      loss_kwargs=loss_kwargs, loss_scale=loss_scale)
   batch = sharding.shard_batch(synthetic_batch(c, global_batch, hw, instances), mesh)
 
   t0 = time.perf_counter()

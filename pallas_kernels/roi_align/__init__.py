@@ -103,6 +103,16 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
+def _kernel_dtype_fallback(impl: str, features) -> str:
+  """resolve_impl(impl), except that 'auto' keeps features the kernels do not take (float16) on
+  the reference."""
+  resolved = resolve_impl(impl)
+  if impl == "auto" and resolved != "reference" and any(
+      jax.numpy.result_type(f) not in (jax.numpy.float32, jax.numpy.bfloat16) for f in features):
+    return "reference"
+  return resolved
+
+
 def _pool_kwargs(impl: str):
   """kernel.pool_levels arguments of a kernel implementation."""
   return dict(interpret=impl in ("interpret", "mosaic_interpret"),
@@ -129,7 +139,7 @@ def roi_align(features, boxes, batch_idx, *, output_size, spatial_scale, samplin
   Returns:
     [K, oh, ow, C] in features.dtype.
   """
-  impl = resolve_impl(impl)
+  impl = _kernel_dtype_fallback(impl, [features])
   if impl == "reference":
     return reference.roi_align(features, boxes, batch_idx, output_size=output_size,
                                spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
@@ -155,7 +165,7 @@ def roi_align_pyramid(features, boxes, batch_idx, levels, *, spatial_scales, out
   Returns:
     [K, oh, ow, C] in the features' dtype.
   """
-  impl = resolve_impl(impl)
+  impl = _kernel_dtype_fallback(impl, features)
   if impl == "reference":
     return reference.roi_align_pyramid(features, boxes, batch_idx, levels,
                                        spatial_scales=spatial_scales, output_size=output_size,

@@ -397,6 +397,11 @@ def test_auto_reads_the_device_table(monkeypatch):
   monkeypatch.setattr(roi_align_lib, "_on_gpu", lambda: True)
   monkeypatch.setitem(roi_align_lib.AUTO_PALLAS_DEVICE_KINDS, kind, ("mosaic", "test entry"))
   assert roi_align_lib.resolve_impl("auto") == "mosaic"
+  # float16 features, which the kernels do not take, stay on the reference under 'auto'.
+  out = roi_align_lib.roi_align(jnp.ones((1, 4, 4, 3), jnp.float16), jnp.asarray([[0, 0, 8, 8.]]),
+                                jnp.zeros((1,), jnp.int32), output_size=2, spatial_scale=0.5,
+                                sampling_ratio=2, aligned=True)
+  assert out.dtype == jnp.float16 and np.allclose(np.asarray(out, np.float32), 1.0)
   monkeypatch.delitem(roi_align_lib.AUTO_PALLAS_DEVICE_KINDS, kind)
   assert roi_align_lib.resolve_impl("auto") == "reference"
 
