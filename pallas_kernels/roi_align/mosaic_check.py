@@ -6,9 +6,11 @@ Lowers the forward and both backwards (atomic, deterministic) at the model's sha
 2 x 800x1344, C = 256, 1024 RoIs; float32 and bfloat16; mmdet 7x7 adaptive and torchvision 14x14
 sampling_ratio 2) with `jax.jit(...).trace(...).lower(lowering_platforms=('cuda',))`. For every
 kernel this runs the Python half of the Mosaic GPU compiler: the Pallas jaxpr is lowered to an
-MLIR module (gpu / nvvm / llvm / memref / vector / scf ops, `mosaic_gpu.arch_major = 9`: sm_90a;
-without a device JAX assumes 9.0), which is verified by MLIR and serialized into the StableHLO as
-a `mosaic_gpu_v2` custom call. Each module is written to --out and summarized: the widths of its
+MLIR module (gpu / nvvm / llvm / memref / vector / scf ops) for compute capability 9.0 (the
+`mosaic_gpu.arch_major` / `arch_minor` attributes pick the Hopper code paths; without a device JAX
+assumes 9.0), which is verified by MLIR and serialized into the StableHLO as a `mosaic_gpu_v2`
+custom call. The PTX target (sm_90a on a Hopper GPU) is chosen by the jaxlib CUDA plugin from the
+device when it compiles the module. Each module is written to --out and summarized: the widths of its
 vector loads and stores, and its atomic reductions (`red.relaxed.gpu.add.f32`).
 
 What this cannot do without a GPU: the rest of the pipeline (MLIR -> LLVM -> PTX -> ptxas cubin)

@@ -449,7 +449,7 @@ def test_mosaic_gpu_interpreter():
 
 def test_mosaic_lowering_for_gpu():
   """The Mosaic GPU kernels lower for a CUDA target on any machine: the Python half of the Mosaic
-  GPU compiler emits one verified module per kernel, for sm_90, with [2]-element vector loads of
+  GPU compiler emits one verified module per kernel, for compute capability 9.0, with [2]-element vector loads of
   the channel vectors and `red.*.add.f32` atomics in the atomic backward only (mosaic_check.py;
   MLIR -> PTX needs a GPU)."""
   from pallas_kernels.roi_align import mosaic_check
