@@ -151,3 +151,14 @@ def test_float16_resume_restores_the_scale_exactly(tmp_path, cache_dir):
     rows = [json.loads(line) for line in f if "train/loss_scale" in line]
   assert len(rows) == 6 and rows[-1]["train/skipped_steps"] == int(a.skipped)
   assert os.path.isdir(tmp_path / "full" / "checkpoints")
+
+
+def test_collapsed_dynamic_scale_stops_the_run(cache_dir):
+  """An overflow that takes the dynamic scale below min_scale reports the step as non-finite,
+  which the trainer turns into NonFiniteLossError."""
+  ls = loss_scale_lib.LossScale(init_scale=2.0 ** -14)
+  state, step, batch, mesh = _tiny_step(cache_dir, ls)
+  huge = dict(batch, image=sharding.shard_batch({"x": np.asarray(batch["image"]) * 0 + 1e5},
+                                                mesh)["x"])
+  new, metrics = step(state, huge)
+  assert float(new.loss_scale.scale) == 2.0 ** -15 and float(metrics["finite"]) == 0
