@@ -135,8 +135,8 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   m.mask_scoring = mask_scoring
   # RoIAlign: the adaptive grid (sampling_ratio 0) is capped at this many samples per bin axis.
   m.roi_align_max_grid = 16
-  # Training compute dtype: 'float32' or 'bfloat16' (mixed precision, float32 master weights;
-  # maskrcnn_jax/training/train_state.py).
+  # Training compute dtype: 'float32', 'bfloat16' or 'float16' (mixed precision, float32 master
+  # weights; float16 with loss scaling, train.loss_scale; maskrcnn_jax/training/train_state.py).
   m.dtype = "float32"
   # Batched NMS: coordinate-offset trick up to this many boxes per call, exact per-class NMS
   # above; -1 = the convention's rule (conventions.py: torchvision / detectron2 on CPU 1000,
@@ -274,12 +274,14 @@ def train_config() -> ml_collections.ConfigDict:
   rpn_batch_per_image / roi_batch_per_image: the samplers' sizes (parity_spec 4.1: 256 and 512).
   rpn_positive_fraction / roi_positive_fraction: their foreground shares (0.5 and 0.25; detectron2
   MODEL.RPN.POSITIVE_FRACTION / MODEL.ROI_HEADS.POSITIVE_FRACTION, mmdet sampler.pos_fraction).
+  loss_scale: 'none' (dynamic for model.dtype float16), 'dynamic' or a static scale such as '512.'
+  (training/loss_scale.py).
   """
   return ml_collections.ConfigDict(dict(
       global_batch=16, num_steps=0, log_every=20, checkpoint_every=5000, keep_checkpoints=3,
       async_checkpoints=True, eval_every=0, final_eval=True, data_seed=-1,
       rpn_batch_per_image=256, roi_batch_per_image=512, rpn_positive_fraction=0.5,
-      roi_positive_fraction=0.25))
+      roi_positive_fraction=0.25, loss_scale="none"))
 
 
 def eval_config() -> ml_collections.ConfigDict:

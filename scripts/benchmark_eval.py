@@ -86,8 +86,9 @@ def seeded_variables(config, recipe: str, seed: int = 0):
   return variables
 
 
-def make_dataset(root: str, num_images: int, seed: int = 0):
-  """PNG photographs at 480x640 + a COCO json with 7 instances each; returns (json, image dir)."""
+def make_dataset(root: str, num_images: int, seed: int = 0, size=(480, 640)):
+  """PNG photographs at `size` (480x640) + a COCO json with 7 instances each; returns (json,
+  image dir)."""
   import cv2
   import skimage.data
   from maskrcnn_jax import config_lib
@@ -99,15 +100,15 @@ def make_dataset(root: str, num_images: int, seed: int = 0):
   images, anns = [], []
   for i in range(num_images):
     rgb = photos[i % len(photos)][..., :3]
-    rgb = cv2.resize(np.ascontiguousarray(rgb), (640, 480), interpolation=cv2.INTER_LINEAR)
+    rgb = cv2.resize(np.ascontiguousarray(rgb), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     if (i // len(photos)) % 2:
       rgb = rgb[:, ::-1]
     name = f"{i:06d}.png"
     cv2.imwrite(os.path.join(img_dir, name), np.ascontiguousarray(rgb[..., ::-1]))
-    images.append({"id": i + 1, "file_name": name, "height": 480, "width": 640})
+    images.append({"id": i + 1, "file_name": name, "height": size[0], "width": size[1]})
     for _ in range(7):
-      w, h = rng.uniform(20, 300), rng.uniform(20, 300)
-      x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
+      w, h = rng.uniform(0.04, 0.47) * size[1], rng.uniform(0.04, 0.62) * size[0]
+      x, y = rng.uniform(0, size[1] - w), rng.uniform(0, size[0] - h)
       poly = [x, y, x + w, y, x + w, y + h, x, y + h]
       anns.append({"id": len(anns) + 1, "image_id": i + 1,
                    "category_id": int(rng.choice(config_lib.COCO_CATEGORY_IDS[:10])),
@@ -289,6 +290,64 @@ def val_scale(args):
                      metrics=scores["faster_coco_eval"]), f, indent=2)
 
 
+def measure_eval(config, variables, *, num_images, batch_size_per_device=1, num_workers=2,
+                 num_loader_threads=4, repeats=3, image_size=(480, 640), log=print):
+  """Times a whole evaluation (inference + paste + RLE + COCOeval) of `num_images` generated
+  images; returns (figures dict, results, host stats). See the module docstring."""
+  import concurrent.futures
+  import multiprocessing
+  import jax
+  from maskrcnn_jax.evaluation import coco_eval, evaluator
+
+  with tempfile.TemporaryDirectory() as tmp:
+    ann_file, img_dir = make_dataset(tmp, num_images, size=image_size)
+    gt, images, table = evaluator.load_val_set(config, ann_file, img_dir)
+    quiet = lambda m: None  # noqa: E731
+    pool = None
+    if num_workers > 0:
+      pool = concurrent.futures.ProcessPoolExecutor(
+          num_workers, mp_context=multiprocessing.get_context("spawn"))
+    kw = dict(batch_size_per_device=batch_size_per_device, num_workers=num_workers,
+              num_loader_threads=num_loader_threads, executor=pool, log=quiet)
+    gb = batch_size_per_device * jax.device_count()
+
+    t0 = time.perf_counter()
+    evaluator.run_inference(config, variables, images[:gb], table, **kw)
+    t_compile = time.perf_counter() - t0
+    log(f"first batch (compile + warm-up of the pool): {t_compile:.1f} s")
+
+    t_dev, gb, valid = device_only_seconds(config, variables, images, batch_size_per_device,
+                                           repeats)
+    num_batches = -(-len(images) // gb)
+    log(f"device only: {t_dev * 1e3:.1f} ms per batch of {gb} "
+        f"({gb / t_dev:.2f} img/s); detections per image {valid.tolist()}")
+
+    t0 = time.perf_counter()
+    results, stats = evaluator.run_inference(config, variables, images, table, **kw)
+    t_inf = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = coco_eval.evaluate_results(gt, results, executor=pool if num_workers > 1
+                                         else None, log=quiet)
+    t_coco = time.perf_counter() - t0
+    if pool is not None:
+      pool.shutdown()
+
+  n = len(images)
+  total = t_inf + t_coco
+  device_total = t_dev * num_batches
+  figures = dict(
+      images=n, batch_size_per_device=batch_size_per_device,
+      num_workers=num_workers, detections=len(results), compile_s=t_compile,
+      device_only_s=device_total, inference_wall_s=t_inf, cocoeval_s=t_coco, total_s=total,
+      images_per_s=n / total, inference_images_per_s=n / t_inf,
+      device_only_images_per_s=n / device_total,
+      host_share=max(0.0, 1.0 - device_total / total),
+      load_cpu_s=stats.load_cpu, paste_encode_cpu_s=stats.paste_cpu,
+      wait_load_s=stats.wait_load, wait_device_s=stats.wait_device, wait_paste_s=stats.wait_paste,
+      bbox_AP=metrics["bbox"]["AP"], segm_AP=metrics["segm"]["AP"])
+  return figures, results, stats
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--mode", default="val_scale", choices=("val_scale", "model"))
@@ -312,11 +371,8 @@ def main():
     return
   args.num_images = args.num_images or 4
 
-  import concurrent.futures
-  import multiprocessing
   import jax
   from maskrcnn_jax import config_lib
-  from maskrcnn_jax.evaluation import coco_eval, evaluator
 
   config = config_lib.load_config_file(str(ROOT / "configs" / f"{args.recipe}.py"))
   device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
@@ -325,52 +381,13 @@ def main():
   variables = seeded_variables(config, args.recipe)
   print(f"seeded + converted weights: {time.perf_counter() - t0:.1f} s", flush=True)
 
-  with tempfile.TemporaryDirectory() as tmp:
-    ann_file, img_dir = make_dataset(tmp, args.num_images)
-    gt, images, table = evaluator.load_val_set(config, ann_file, img_dir)
-    quiet = lambda m: None  # noqa: E731
-    pool = None
-    if args.num_workers > 0:
-      pool = concurrent.futures.ProcessPoolExecutor(
-          args.num_workers, mp_context=multiprocessing.get_context("spawn"))
-    kw = dict(batch_size_per_device=args.batch_size_per_device, num_workers=args.num_workers,
-              num_loader_threads=args.num_loader_threads, executor=pool, log=quiet)
-    gb = args.batch_size_per_device * jax.device_count()
-
-    t0 = time.perf_counter()
-    evaluator.run_inference(config, variables, images[:gb], table, **kw)
-    t_compile = time.perf_counter() - t0
-    print(f"first batch (compile + warm-up of the pool): {t_compile:.1f} s", flush=True)
-
-    t_dev, gb, valid = device_only_seconds(config, variables, images, args.batch_size_per_device,
-                                           args.repeats)
-    num_batches = -(-len(images) // gb)
-    print(f"device only: {t_dev * 1e3:.1f} ms per batch of {gb} "
-          f"({gb / t_dev:.2f} img/s); detections per image {valid.tolist()}", flush=True)
-
-    t0 = time.perf_counter()
-    results, stats = evaluator.run_inference(config, variables, images, table, **kw)
-    t_inf = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics = coco_eval.evaluate_results(gt, results, executor=pool if args.num_workers > 1
-                                         else None, log=quiet)
-    t_coco = time.perf_counter() - t0
-    if pool is not None:
-      pool.shutdown()
-
-  n = len(images)
-  total = t_inf + t_coco
-  device_total = t_dev * num_batches
-  figures = dict(
-      device=device, recipe=args.recipe, images=n, batch_size_per_device=args.batch_size_per_device,
-      num_workers=args.num_workers, detections=len(results), compile_s=t_compile,
-      device_only_s=device_total, inference_wall_s=t_inf, cocoeval_s=t_coco, total_s=total,
-      images_per_s=n / total, inference_images_per_s=n / t_inf,
-      device_only_images_per_s=n / device_total,
-      host_share=max(0.0, 1.0 - device_total / total),
-      load_cpu_s=stats.load_cpu, paste_encode_cpu_s=stats.paste_cpu,
-      wait_load_s=stats.wait_load, wait_device_s=stats.wait_device, wait_paste_s=stats.wait_paste,
-      bbox_AP=metrics["bbox"]["AP"], segm_AP=metrics["segm"]["AP"])
+  figures, results, stats = measure_eval(
+      config, variables, num_images=args.num_images,
+      batch_size_per_device=args.batch_size_per_device, num_workers=args.num_workers,
+      num_loader_threads=args.num_loader_threads, repeats=args.repeats)
+  figures.update(device=device, recipe=args.recipe)
+  n, t_inf, t_coco = figures["images"], figures["inference_wall_s"], figures["cocoeval_s"]
+  total, device_total = figures["total_s"], figures["device_only_s"]
   print(f"\n{n} images, {len(results)} detections ({len(results) / n:.0f} per image)")
   print(f"whole evaluation: {total:.2f} s = {n / total:.2f} img/s "
         f"(inference + paste + RLE {t_inf:.2f} s = {n / t_inf:.2f} img/s, COCOeval {t_coco:.2f} s)")

@@ -39,7 +39,8 @@ import numpy as np
 
 from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax.modeling.build import build_model, init_variables
-from maskrcnn_jax.training import checkpointing, metric_writers, optimizer as optimizer_lib
+from maskrcnn_jax.training import checkpointing, loss_scale as loss_scale_lib
+from maskrcnn_jax.training import metric_writers, optimizer as optimizer_lib
 from maskrcnn_jax.training import sharding as sharding_lib
 from maskrcnn_jax.training import train_state as train_state_lib
 
@@ -228,13 +229,16 @@ def _mean_metrics(history: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
   out = {}
   for k in keys:
     values = [float(h[k]) for h in history if k in h]
-    out[k] = float(np.mean(values)) if k not in ("lr", "finite") else values[-1]
+    out[k] = (float(np.mean(values)) if k not in ("lr", "finite", "loss_scale", "skipped_steps")
+              else values[-1])
   return out
 
 
 def _progress_line(step: int, total: int, m: Dict[str, float], ips: float, eta: float) -> str:
   terms = " ".join(f"{k[5:]} {m[k]:.4f}" for k in sorted(m) if k.startswith("loss_"))
-  return (f"step {step}/{total}  loss {m['loss']:.4f} ({terms})  lr {m['lr']:.3g}  "
+  scale = (f"  loss scale {m['loss_scale']:g} ({int(m['skipped_steps'])} skipped)"
+           if "loss_scale" in m else "")
+  return (f"step {step}/{total}  loss {m['loss']:.4f} ({terms})  lr {m['lr']:.3g}{scale}  "
           f"{ips:.2f} img/s  ETA {_fmt_time(eta)}")
 
 
@@ -311,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _print(f"initialised from {config.init}"
            + (f" (re-initialised {len(reinit)} class-dependent variables)" if reinit else ""))
   tx = optimizer_lib.build_optimizer(config, variables["params"], schedule)
-  state = train_state_lib.create_train_state(variables, tx, state_rng)
+  loss_scale = loss_scale_lib.from_config(config)
+  state = train_state_lib.create_train_state(variables, tx, state_rng, loss_scale=loss_scale)
   state = train_state_lib.place_state(state, mesh)
   del variables
   counts = optimizer_lib.count_params(state.params, config)
@@ -341,7 +346,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       loss_kwargs["category_ids"] = tuple(config.category_ids)
     loss_kwargs.update(sampler_kwargs(tc))
   train_step = train_state_lib.make_train_step(
-      model, tx, schedule, mesh, state, compute_dtype=compute_dtype, loss_kwargs=loss_kwargs)
+      model, tx, schedule, mesh, state, compute_dtype=compute_dtype, loss_kwargs=loss_kwargs,
+      loss_scale=loss_scale)
 
   writer = metric_writers.NullWriter()
   if jax.process_index() == 0:
