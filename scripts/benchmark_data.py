@@ -103,3 +103,153 @@ def make_dataset(root: str, num_images: int, seed: int = 0) -> str:
     json.dump(dict(images=images, annotations=anns, categories=cats), f)
   os.replace(ann_path + ".tmp", ann_path)
   return ann_path
+
+
+def _load_config(path: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("recipe", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def profile_stages(dataset, config, num_images: int) -> dict:
+  """Milliseconds per image of each stage of `pipeline.train_example`, in its order."""
+  from maskrcnn_jax.data import pipeline
+  conv = dataset.convention
+  ids = dataset.train_image_ids()[:num_images]
+  times = dict(decode=0.0, geometry=0.0, resize=0.0, flip=0.0, targets=0.0, batch=0.0)
+  examples = []
+  for index, image_id in enumerate(ids):
+    rng = pipeline.example_rng(0, 0, index)
+    t0 = time.perf_counter()
+    image = dataset.read_image(image_id)
+    t1 = time.perf_counter()
+    _, flip, new_hw = pipeline.sample_geometry(rng, image.shape[:2], config, conv)
+    t2 = time.perf_counter()
+    resized = pipeline.resize_uint8(image, new_hw, conv)
+    t3 = time.perf_counter()
+    flipped = pipeline.flip_image(resized) if flip else resized
+    t4 = time.perf_counter()
+    targets = pipeline.instance_targets(dataset, image_id, image.shape[:2], new_hw, flip, config)
+    t5 = time.perf_counter()
+    examples.append(dict(image=flipped, image_hw=np.array(new_hw, np.int32), **targets))
+    bucket = pipeline.image_bucket(config, conv, image.shape[:2])
+    pipeline.batch_examples(examples[-1:], pad_to=bucket)
+    t6 = time.perf_counter()
+    for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+      times[k] += dt
+  return {k: v / len(ids) * 1e3 for k, v in times.items()}
+
+
+def pixel_costs(dataset, config) -> dict:
+  """Mean pixels per training image that the device convolves (the padded bucket) for three bucket
+  choices, next to the unpadded resized image, at the largest short side."""
+  from maskrcnn_jax.data import pipeline, transforms
+  conv = dataset.convention
+  short = max(int(s) for s in np.atleast_1d(config.data.train_short))
+  square = pipeline.max_train_size(config)
+  long_side = square[1]
+  sizes = [(int(dataset.image_info(i)["height"]), int(dataset.image_info(i)["width"]))
+           for i in dataset.train_image_ids()]
+  resized = [transforms.test_resize_size(h, w, rule=conv.resize, short=short,
+                                         max_size=int(config.data.train_max_size))
+             for h, w in sizes]
+  default = pipeline.train_buckets(config)
+  s32 = default[0][0]
+  fine = tuple(sorted({(s32, v) for v in (s32 + 288, s32 + 416, long_side)}
+                      | {(v, s32) for v in (s32 + 288, s32 + 416, long_side)}))
+  out = dict(unpadded=float(np.mean([h * w for h, w in resized])))
+  for name, buckets in (("square", (square,)), ("aspect", default), ("aspect_fine", fine)):
+    areas = [b[0] * b[1] for b in (pipeline.choose_bucket(hw, buckets, fallback=square)
+                                   for hw in resized)]
+    out[name] = float(np.mean(areas))
+    out[name + "_buckets"] = [list(b) for b in buckets]
+  return out
+
+
+def measure_loader(dataset, config, *, workers: int, batch: int, warmup: int,
+                   batches: int) -> dict:
+  """Images/s of `TrainLoader` with `workers` processes (0: synchronous) after `warmup` batches."""
+  from maskrcnn_jax.data import loader
+  with loader.TrainLoader(dataset, config, seed=0, global_batch=batch,
+                          num_workers=workers, prefetch=2) as run:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+      first = next(run)
+    t1 = time.perf_counter()
+    for _ in range(batches):
+      next(run)
+    t2 = time.perf_counter()
+  nbytes = sum(int(np.asarray(v).nbytes) for v in first.values()) / batch
+  image_bytes = int(np.asarray(first["image"]).nbytes) / batch
+  return dict(workers=workers, images_per_s=batch * batches / (t2 - t1), startup_s=t1 - t0,
+              bytes_per_example=nbytes, image_bytes_per_example=image_bytes)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", default=os.path.join(REPO, "configs/mmdet/mask_rcnn_r50_fpn_1x_coco.py"))
+  p.add_argument("--data_dir", default="", help="where the synthetic data is (made if missing)")
+  p.add_argument("--images", type=int, default=320, help="synthetic dataset size")
+  p.add_argument("--workers", default="1,2", help="comma-separated worker counts (0 = synchronous)")
+  p.add_argument("--batch", type=int, default=16,
+                 help="images per batch of the process (16: 8 GPUs x 2 images)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed batches per measurement")
+  p.add_argument("--batches", type=int, default=12, help="timed batches per measurement")
+  p.add_argument("--profile", action="store_true", help="per-stage times of train_example")
+  p.add_argument("--json", default="", help="append the results as a JSON line here")
+  args = p.parse_args(argv)
+
+  from maskrcnn_jax.data import coco
+  config = _load_config(args.config)
+  data_dir = args.data_dir or os.path.join(tempfile.gettempdir(),
+                                           f"maskrcnn_jax_coco_like_{args.images}")
+  ann = make_dataset(data_dir, args.images)
+  dataset = coco.CocoDataset(ann, os.path.join(data_dir, "images"), convention=config.convention)
+  name = config.get("upstream", "") or os.path.basename(args.config)
+  print(f"{name}: {len(dataset.image_ids)} synthetic COCO-like images in {data_dir}, "
+        f"{os.cpu_count()} CPU cores visible")
+  result = dict(config=name, images=len(dataset.image_ids), cpu_count=os.cpu_count())
+
+  if args.profile:
+    import cv2
+    cv2.setNumThreads(1)  # as in a worker process
+    stages = profile_stages(dataset, config, min(args.images, 200))
+    total = sum(stages.values())
+    print("per-image stages (ms, one process): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in stages.items()) + f"; total {total:.2f} = "
+        f"{1e3 / total:.0f} images/s")
+    result["stages_ms"] = stages
+
+  px = pixel_costs(dataset, config)
+  print(f"pixels per image convolved at the largest scale: unpadded {px['unpadded'] / 1e6:.3f} M; "
+        f"square bucket {px['square_buckets'][0]} {px['square'] / 1e6:.3f} M; aspect buckets "
+        f"{px['aspect_buckets']} {px['aspect'] / 1e6:.3f} M "
+        f"({px['aspect'] / px['square']:.2f} of the square); 6 buckets {px['aspect_fine_buckets']} "
+        f"{px['aspect_fine'] / 1e6:.3f} M ({px['aspect_fine'] / px['square']:.2f})")
+  result["pixels"] = px
+
+  runs = []
+  for w in (int(v) for v in args.workers.split(",")):
+    r = measure_loader(dataset, config, workers=w, batch=args.batch, warmup=args.warmup,
+                       batches=args.batches)
+    runs.append(r)
+    print(f"workers {w}: {r['images_per_s']:.1f} images/s ({args.batches} batches of "
+          f"{args.batch}; start-up + {args.warmup} batches {r['startup_s']:.1f} s); "
+          f"{r['bytes_per_example'] / 1e6:.2f} MB per example, of which image "
+          f"{r['image_bytes_per_example'] / 1e6:.2f} MB")
+  result["loader"] = runs
+  need = 8 * GPU_RATE
+  best = max(runs, key=lambda r: r["images_per_s"])
+  per_worker = best["images_per_s"] / max(best["workers"], 1)
+  print(f"8 GPUs at {GPU_RATE} images/s need {need} images/s per host: about "
+        f"{math.ceil(need / per_worker)} workers at the {per_worker:.0f} images/s per worker "
+        f"measured with {best['workers']} worker(s) here")
+  if args.json:
+    with open(args.json, "a") as f:
+      f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+  main()

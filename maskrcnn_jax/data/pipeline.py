@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -399,7 +399,8 @@ def eval_example(dataset: coco_lib.CocoDataset, image_id: int, config, *,
 
 
 def batch_examples(examples: List[Dict[str, np.ndarray]],
-                   pad_to: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+                   pad_to: Optional[Sequence[int]] = None,
+                   zeros: Callable[..., np.ndarray] = np.zeros) -> Dict[str, np.ndarray]:
   """Stacks examples into a batch.
 
   Args:
@@ -408,27 +409,29 @@ def batch_examples(examples: List[Dict[str, np.ndarray]],
       `ImageList.from_tensors`, torchvision `batch_images`, mmcv `collate`); every other array must
       have the same shape across examples.
     pad_to: (H, W) of the batch's images (the bucket); default: the largest of the examples.
+    zeros: (shape, dtype) -> a zero-filled array, for the batch arrays (e.g. in shared memory).
 
   Returns:
-    dict of [B, ...] arrays.
+    dict of [B, ...] arrays; every example is copied once, into them.
   """
   if not examples:
     raise ValueError("batch_examples needs at least one example")
   out = {}
   for key in examples[0]:
     arrays = [np.asarray(e[key]) for e in examples]
+    shape = arrays[0].shape
     if key == "image":
-      hmax = max(a.shape[0] for a in arrays)
-      wmax = max(a.shape[1] for a in arrays)
+      shape = (max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)) + shape[2:]
       if pad_to is not None:
-        if hmax > pad_to[0] or wmax > pad_to[1]:
-          raise ValueError(f"an image of {hmax}x{wmax} does not fit the batch's bucket "
+        if shape[0] > pad_to[0] or shape[1] > pad_to[1]:
+          raise ValueError(f"an image of {shape[0]}x{shape[1]} does not fit the batch's bucket "
                            f"{pad_to[0]}x{pad_to[1]}")
-        hmax, wmax = int(pad_to[0]), int(pad_to[1])
-      batch = np.zeros((len(arrays), hmax, wmax) + arrays[0].shape[2:], arrays[0].dtype)
-      for i, a in enumerate(arrays):
-        batch[i, :a.shape[0], :a.shape[1]] = a
-      out[key] = batch
-    else:
-      out[key] = np.stack(arrays)
+        shape = (int(pad_to[0]), int(pad_to[1])) + shape[2:]
+    elif any(a.shape != shape for a in arrays):
+      raise ValueError(f"examples disagree on the shape of {key!r}: "
+                       f"{sorted({a.shape for a in arrays})}")
+    batch = zeros((len(arrays),) + shape, arrays[0].dtype)
+    for i, a in enumerate(arrays):
+      batch[(i,) + tuple(slice(0, n) for n in a.shape)] = a
+    out[key] = batch
   return out
