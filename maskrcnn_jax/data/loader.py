@@ -84,15 +84,16 @@ class BatchMaker:
     self.local_batch = self.global_batch // self.process_count
     self.image_ids = list(image_ids)
     self.max_consecutive_failures = int(max_consecutive_failures)
-    conv = dataset.convention
-    buckets = [pipeline.image_bucket(config, conv, (int(info["height"]), int(info["width"])))
-               for info in map(dataset.image_info, self.image_ids)]
+    sizes = [(int(info["height"]), int(info["width"]))
+             for info in map(dataset.image_info, self.image_ids)]
+    of_size = {hw: pipeline.image_bucket(config, dataset.convention, hw) for hw in set(sizes)}
+    buckets = [of_size[hw] for hw in sizes]
     self.buckets: List[Tuple[int, int]] = sorted(set(buckets))
     index = {b: i for i, b in enumerate(self.buckets)}
     self.image_bucket = np.array([index[b] for b in buckets], np.int64)  # per training image
-    sizes = np.bincount(self.image_bucket, minlength=len(self.buckets))
-    self.bucket_sizes = sizes.tolist()
-    self.steps_per_epoch = int(np.sum(sizes // self.global_batch))
+    per_bucket = np.bincount(self.image_bucket, minlength=len(self.buckets))
+    self.bucket_sizes = per_bucket.tolist()
+    self.steps_per_epoch = int(np.sum(per_bucket // self.global_batch))
     self._plan_cache: Dict[int, Any] = {}
 
   def __getstate__(self):
