@@ -130,8 +130,9 @@ class BatchMaker:
     b = int(batch_bucket[step])
     return b, orders[b], int(batch_start[step]) + p * self.local_batch
 
-  def _load(self, epoch: int, order: np.ndarray, position: int):
-    """(example, [(image_id, reason), ...] skipped) for one position of a bucket's order."""
+  def _load(self, epoch: int, order: np.ndarray, position: int, image_out: np.ndarray):
+    """(example, [(image_id, reason), ...] skipped) for one position of a bucket's order; the
+    image is written into `image_out` (its zeroed row of the batch)."""
     skipped = []
     n = len(order)
     for attempt in range(self.max_consecutive_failures + 1):
@@ -139,27 +140,34 @@ class BatchMaker:
       image_id = self.image_ids[index]
       try:
         example = pipeline.train_example(self.dataset, image_id, self.config,
-                                         rng=pipeline.example_rng(self.seed, epoch, index))
+                                         rng=pipeline.example_rng(self.seed, epoch, index),
+                                         image_out=image_out)
         return example, skipped
       except Exception as e:  # pylint: disable=broad-except  (counted, logged, capped)
         reason = f"{type(e).__name__}: {e}"
         if not isinstance(e, (OSError, coco_lib.DatasetError)):
           reason += "\n" + traceback.format_exc(limit=3)
         skipped.append((image_id, reason))
+        image_out[...] = 0  # the failed sample may have written its image already
     raise RuntimeError(
         f"{self.max_consecutive_failures + 1} consecutive training samples failed (epoch {epoch}, "
         f"bucket order position {position}); last: {_describe(self.dataset, skipped[-1][0])}: "
         f"{skipped[-1][1]}")
 
   def load_batch(self, epoch: int, step: int) -> Tuple[Dict[str, np.ndarray], List]:
-    """One process's batch: (`pipeline.batch_examples` padded to the bucket, skipped list)."""
+    """One process's batch: (`pipeline.batch_examples` padded to the bucket, skipped list).
+
+    Each image is resized straight into its row of the batch's image array; in a worker the
+    arrays are in shared memory, which grain then hands to the trainer without another copy.
+    """
     b, order, first = self.shard(epoch, step)
-    results = [self._load(epoch, order, first + i) for i in range(self.local_batch)]
-    # In a worker, the batch is assembled in shared memory, which grain then hands to the
-    # trainer without another copy.
-    batch = pipeline.batch_examples([r[0] for r in results], pad_to=self.buckets[b],
-                                    zeros=_shared_zeros if _IN_WORKER else np.zeros)
-    return batch, [s for r in results for s in r[1]]
+    zeros = _shared_zeros if _IN_WORKER else np.zeros
+    dtype = np.float32 if self.dataset.convention.normalize_before_resize else np.uint8
+    images = zeros((self.local_batch,) + self.buckets[b] + (3,), dtype)
+    results = [self._load(epoch, order, first + i, images[i]) for i in range(self.local_batch)]
+    batch = pipeline.batch_examples(
+        [{k: v for k, v in r[0].items() if k != "image"} for r in results], zeros=zeros)
+    return dict(image=images, **batch), [s for r in results for s in r[1]]
 
   def __call__(self, global_step: int) -> Dict[str, Any]:
     epoch, step = divmod(int(global_step), self.steps_per_epoch)

@@ -238,16 +238,28 @@ def sample_geometry(rng: np.random.Generator, orig_hw: Sequence[int], config,
   return short, flip, new_hw
 
 
-def resize_uint8(image: np.ndarray, new_hw: Sequence[int],
-                 convention: conventions_lib.Convention) -> np.ndarray:
+def resize_uint8(image: np.ndarray, new_hw: Sequence[int], convention: conventions_lib.Convention,
+                 out: Optional[np.ndarray] = None) -> np.ndarray:
   """[H, W, 3] uint8 -> [new_h, new_w, 3] uint8 with the convention's kernel (mmdet: cv2
-  INTER_LINEAR, detectron2: PIL BILINEAR; `transforms.resize_image`)."""
-  return transforms.resize_image(image, new_hw, rule=convention.resize)
+  INTER_LINEAR, detectron2: PIL BILINEAR; `transforms.resize_image`), written into `out` (a
+  [new_h, new_w, 3] view, e.g. of the batch array) when given."""
+  if out is not None and convention.resize == "mmdet":
+    return cv2.resize(image, (int(new_hw[1]), int(new_hw[0])), dst=out,
+                      interpolation=cv2.INTER_LINEAR)
+  resized = transforms.resize_image(image, new_hw, rule=convention.resize)
+  return resized if out is None else _copy_into(resized, out)
 
 
-def flip_image(image: np.ndarray) -> np.ndarray:
-  """[h, w, C] -> the same, mirrored left-right (a new array)."""
-  return cv2.flip(image, 1) if image.dtype == np.uint8 else np.ascontiguousarray(image[:, ::-1])
+def flip_image(image: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+  """[h, w, C] -> the same, mirrored left-right: a new array, or written into `out`."""
+  if image.dtype == np.uint8:
+    return cv2.flip(image, 1) if out is None else cv2.flip(image, 1, dst=out)
+  return np.ascontiguousarray(image[:, ::-1]) if out is None else _copy_into(image[:, ::-1], out)
+
+
+def _copy_into(image: np.ndarray, out: np.ndarray) -> np.ndarray:
+  out[...] = image
+  return out
 
 
 def normalized_float_image(image: np.ndarray, short: int, config,
@@ -326,7 +338,8 @@ def unpack_masks(bits: np.ndarray) -> np.ndarray:
 
 
 def train_example(dataset: coco_lib.CocoDataset, image_id: int, config, *,
-                  rng: np.random.Generator) -> Dict[str, np.ndarray]:
+                  rng: np.random.Generator,
+                  image_out: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
   """One training example (module docstring).
 
   Args:
@@ -334,6 +347,9 @@ def train_example(dataset: coco_lib.CocoDataset, image_id: int, config, *,
     image_id: the image.
     config: the recipe config (`config.data`, `config.model` pixel fields).
     rng: the example's generator (`example_rng(seed, epoch, index)`).
+    image_out: optional [Hb, Wb, 3] zeros (the image's row of the batch array, uint8, or float32
+      for torchvision): the image is written into its top-left corner, saving a copy, and the
+      returned 'image' is that view.
 
   Returns:
     dict of numpy arrays, with M = max_instances, S = gt_mask_size:
@@ -352,11 +368,14 @@ def train_example(dataset: coco_lib.CocoDataset, image_id: int, config, *,
   image = dataset.read_image(image_id)
   orig_hw = image.shape[:2]
   short, flip, new_hw = sample_geometry(rng, orig_hw, config, conv)
+  out = None if image_out is None else image_out[:new_hw[0], :new_hw[1]]
   if conv.normalize_before_resize:
     resized = normalized_float_image(image, short, config, conv)
+    if out is not None and not flip:
+      resized = _copy_into(resized, out)
   else:
-    resized = resize_uint8(image, new_hw, conv)
-  out_image = flip_image(resized) if flip else resized
+    resized = resize_uint8(image, new_hw, conv, out=None if flip else out)
+  out_image = flip_image(resized, out=out) if flip else resized
   targets = instance_targets(dataset, image_id, orig_hw, new_hw, flip, config)
   return dict(image=out_image, image_hw=np.array(new_hw, np.int32),
               image_id=np.array(image_id, np.int64), flipped=np.array(flip), **targets)
