@@ -114,31 +114,35 @@ def _load_config(path: str):
 
 
 def profile_stages(dataset, config, num_images: int) -> dict:
-  """Milliseconds per image of each stage of `pipeline.train_example`, in its order."""
+  """CPU milliseconds per image of each stage of `pipeline.train_example` (as `BatchMaker` runs
+  it: resized, or flipped, straight into a zeroed bucket-sized row; then the rest of the batch)."""
   from maskrcnn_jax.data import pipeline
   conv = dataset.convention
   ids = dataset.train_image_ids()[:num_images]
-  times = dict(decode=0.0, geometry=0.0, resize=0.0, flip=0.0, targets=0.0, batch=0.0)
-  examples = []
+  names = ("decode", "geometry", "row", "resize", "flip", "targets", "batch")
+  times = dict.fromkeys(names, 0.0)
+  clock = time.process_time
   for index, image_id in enumerate(ids):
     rng = pipeline.example_rng(0, 0, index)
-    t0 = time.perf_counter()
+    t = [clock()]
     image = dataset.read_image(image_id)
-    t1 = time.perf_counter()
+    t.append(clock())
     _, flip, new_hw = pipeline.sample_geometry(rng, image.shape[:2], config, conv)
-    t2 = time.perf_counter()
-    resized = pipeline.resize_uint8(image, new_hw, conv)
-    t3 = time.perf_counter()
-    flipped = pipeline.flip_image(resized) if flip else resized
-    t4 = time.perf_counter()
+    t.append(clock())
+    row = np.zeros(pipeline.image_bucket(config, conv, image.shape[:2]) + (3,), np.uint8)
+    out = row[:new_hw[0], :new_hw[1]]
+    t.append(clock())
+    resized = pipeline.resize_uint8(image, new_hw, conv, out=out)
+    t.append(clock())
+    if flip:
+      pipeline.flip_image(resized, out=out)
+    t.append(clock())
     targets = pipeline.instance_targets(dataset, image_id, image.shape[:2], new_hw, flip, config)
-    t5 = time.perf_counter()
-    examples.append(dict(image=flipped, image_hw=np.array(new_hw, np.int32), **targets))
-    bucket = pipeline.image_bucket(config, conv, image.shape[:2])
-    pipeline.batch_examples(examples[-1:], pad_to=bucket)
-    t6 = time.perf_counter()
-    for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
-      times[k] += dt
+    t.append(clock())
+    pipeline.batch_examples([dict(image_hw=np.array(new_hw, np.int32), **targets)])
+    t.append(clock())
+    for k, a, b in zip(names, t[:-1], t[1:]):
+      times[k] += b - a
   return {k: v / len(ids) * 1e3 for k, v in times.items()}
 
 
@@ -168,23 +172,51 @@ def pixel_costs(dataset, config) -> dict:
   return out
 
 
+def _children_cpu_seconds() -> float:
+  """CPU seconds (user + system) used so far by the live child processes (Linux /proc; the grain
+  workers are children of this process)."""
+  total = 0.0
+  tick = os.sysconf("SC_CLK_TCK")
+  for task in os.listdir("/proc/self/task"):
+    try:
+      with open(f"/proc/self/task/{task}/children") as f:
+        pids = f.read().split()
+    except OSError:
+      continue
+    for pid in pids:
+      try:
+        with open(f"/proc/{pid}/stat") as f:
+          fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+      except (OSError, IndexError, ValueError):
+        pass
+  return total
+
+
 def measure_loader(dataset, config, *, workers: int, batch: int, warmup: int,
                    batches: int) -> dict:
-  """Images/s of `TrainLoader` with `workers` processes (0: synchronous) after `warmup` batches."""
+  """Images/s of `TrainLoader` with `workers` processes (0: synchronous) after `warmup` batches,
+  and the CPU time per image in the timed batches (this process plus its workers): the images/s
+  one core gives, whatever else the machine runs."""
   from maskrcnn_jax.data import loader
   with loader.TrainLoader(dataset, config, seed=0, global_batch=batch,
                           num_workers=workers, prefetch=2) as run:
     t0 = time.perf_counter()
     for _ in range(warmup):
       first = next(run)
+    nbytes = sum(int(np.asarray(v).nbytes) for v in first.values()) / batch
+    image_bytes = int(np.asarray(first["image"]).nbytes) / batch
+    del first
     t1 = time.perf_counter()
+    cpu1 = time.process_time() + _children_cpu_seconds()
     for _ in range(batches):
       next(run)
     t2 = time.perf_counter()
-  nbytes = sum(int(np.asarray(v).nbytes) for v in first.values()) / batch
-  image_bytes = int(np.asarray(first["image"]).nbytes) / batch
-  return dict(workers=workers, images_per_s=batch * batches / (t2 - t1), startup_s=t1 - t0,
-              bytes_per_example=nbytes, image_bytes_per_example=image_bytes)
+    cpu2 = time.process_time() + _children_cpu_seconds()
+  images = batch * batches
+  return dict(workers=workers, images_per_s=images / (t2 - t1), startup_s=t1 - t0,
+              cpu_ms_per_image=(cpu2 - cpu1) / images * 1e3, bytes_per_example=nbytes,
+              image_bytes_per_example=image_bytes)
 
 
 def main(argv=None):
@@ -236,16 +268,18 @@ def main(argv=None):
                        batches=args.batches)
     runs.append(r)
     print(f"workers {w}: {r['images_per_s']:.1f} images/s ({args.batches} batches of "
-          f"{args.batch}; start-up + {args.warmup} batches {r['startup_s']:.1f} s); "
-          f"{r['bytes_per_example'] / 1e6:.2f} MB per example, of which image "
+          f"{args.batch}; start-up + {args.warmup} batches {r['startup_s']:.1f} s); CPU "
+          f"{r['cpu_ms_per_image']:.2f} ms per image = {1e3 / r['cpu_ms_per_image']:.0f} images/s "
+          f"per core; {r['bytes_per_example'] / 1e6:.2f} MB per example, of which image "
           f"{r['image_bytes_per_example'] / 1e6:.2f} MB")
   result["loader"] = runs
   need = 8 * GPU_RATE
-  best = max(runs, key=lambda r: r["images_per_s"])
-  per_worker = best["images_per_s"] / max(best["workers"], 1)
-  print(f"8 GPUs at {GPU_RATE} images/s need {need} images/s per host: about "
-        f"{math.ceil(need / per_worker)} workers at the {per_worker:.0f} images/s per worker "
-        f"measured with {best['workers']} worker(s) here")
+  for r in runs:
+    if r["workers"] > 0:
+      per_core = 1e3 / r["cpu_ms_per_image"]
+      print(f"8 GPUs at {GPU_RATE} images/s need {need} images/s per host: {need / per_core:.1f} "
+            f"cores at the {per_core:.0f} images/s per core measured with {r['workers']} "
+            f"worker(s)")
   if args.json:
     with open(args.json, "a") as f:
       f.write(json.dumps(result) + "\n")

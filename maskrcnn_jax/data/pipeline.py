@@ -374,7 +374,8 @@ def train_example(dataset: coco_lib.CocoDataset, image_id: int, config, *,
     if out is not None and not flip:
       resized = _copy_into(resized, out)
   else:
-    resized = resize_uint8(image, new_hw, conv, out=None if flip else out)
+    resized = resize_uint8(image, new_hw, conv, out=out)
+  # cv2.flip mirrors in place when resized is `out` (it swaps symmetric pairs).
   out_image = flip_image(resized, out=out) if flip else resized
   targets = instance_targets(dataset, image_id, orig_hw, new_hw, flip, config)
   return dict(image=out_image, image_hw=np.array(new_hw, np.int32),

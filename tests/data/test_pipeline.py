@@ -156,6 +156,23 @@ def test_flip_consistency(dataset_files, convention, scale):
                                   pipeline.unpack_masks(ex["gt_masks_bits"])[0].astype(bool))
 
 
+@pytest.mark.parametrize("convention", ["mmdet", "detectron2", "torchvision"])
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_image_written_into_the_batch_row(dataset_files, convention, flip_prob):
+  """train_example(image_out=row) (what the loader does: resize, flip in place) gives the image of
+  train_example() in the row's corner and leaves the rest of the row zero."""
+  ds = coco.CocoDataset(*dataset_files, convention=convention)
+  cfg = _config(convention, short=(2 * H,), flip_prob=flip_prob)
+  want = pipeline.train_example(ds, 7, cfg, rng=pipeline.example_rng(0, 0, 0))
+  row = np.zeros((96, 128, 3), want["image"].dtype)
+  got = pipeline.train_example(ds, 7, cfg, rng=pipeline.example_rng(0, 0, 0), image_out=row)
+  assert np.shares_memory(got["image"], row)
+  np.testing.assert_array_equal(row[:2 * H, :2 * W], want["image"])
+  assert not row[2 * H:].any() and not row[:, 2 * W:].any()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def test_multiscale_sizes(dataset_files):
   ds = coco.CocoDataset(*dataset_files, convention="mmdet")
   cfg = _config(short=(30, 50), mode="range", buckets=((64, 96),))
