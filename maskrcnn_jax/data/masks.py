@@ -72,24 +72,20 @@ def _columns_from_counts(counts: np.ndarray, h: int, rows: Tuple[int, int],
   c0, c1 = cols
   # Pixel p (column-major index) is foreground iff an odd number of run boundaries lie at or
   # before it; boundary b = cumsum(counts) toggles the value from pixel b on.
-  bounds = np.cumsum(counts)[:-1]
-  bounds = bounds[bounds < c1 * h]
-  col, row = np.divmod(bounds, h)
-  before = col < c0  # toggles in the columns left of the window
-  inside = ~before
-  col, row = col[inside] - c0, row[inside]
-  # A toggle above the window changes the column's value at its top row; one below it, nothing
-  # inside this column (its effect on the next columns comes through `start`).
+  bounds = np.cumsum(counts)[:-1]  # non-decreasing
+  lo, hi = np.searchsorted(bounds, (c0 * h, c1 * h))  # the toggles of the window's columns
+  col, row = np.divmod(bounds[lo:hi] - c0 * h, h)
+  # One slot per window row plus one below it, column after column: a running sum over them
+  # counts, at each pixel, the toggles at or before it. A toggle above the window counts from the
+  # column's top row, one below it from the next column on; those left of the window from the
+  # start.
   slots = r1 - r0 + 1
   delta = np.bincount(col * slots + np.clip(row - r0, 0, r1 - r0),
-                      minlength=(c1 - c0) * slots).reshape(c1 - c0, slots)
-  # The value at the top of column j: all toggles in the columns before it.
-  per_col = np.bincount(col, minlength=c1 - c0)
-  start = (np.count_nonzero(before) + np.cumsum(per_col) - per_col) & 1
+                      minlength=(c1 - c0) * slots)
+  delta[0] += lo
   # Parity only: uint8 sums wrap modulo 256, which keeps it.
-  parity = np.cumsum(delta[:, :-1].astype(np.uint8), axis=1, dtype=np.uint8)
-  parity += start.astype(np.uint8)[:, None]
-  return parity & 1
+  parity = np.cumsum(delta.astype(np.uint8), dtype=np.uint8).reshape(c1 - c0, slots)
+  return parity[:, :-1] & 1
 
 
 def window_from_counts(counts: np.ndarray, h: int, rows: Tuple[int, int],
