@@ -12,9 +12,10 @@ Training (`train_example`) runs one function per stage, for the recipe's convent
   `instance_targets` boxes clipped, scaled and flipped; mask crops (`masks.crop_segmentation`,
                      bit-packed); everything padded to `max_instances`.
 
-  An example is a pure function of (image, seed, epoch, index). Its image is not padded:
-  `batch_examples` pads each image once, straight into the batch array, to the bucket of the
-  batch (`image_bucket`; the loader batches images of one bucket).
+  An example is a pure function of (image, seed, epoch, index). Its image is not padded: the
+  loader has it resized (and flipped in place) straight into its zeroed row of the batch array
+  (`image_out`), whose shape is the bucket of the batch (`image_bucket`; the loader batches images
+  of one bucket); `batch_examples` pads standalone examples the same way.
 
   The image leaves the host as **uint8** in the decoder's channel order: normalization is per pixel
   and per channel, so the jitted train step normalizes it by table lookup
