@@ -157,12 +157,16 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   else:  # detectron2 MIN_SIZE_TRAIN (640, 672, ..., 800), one picked per image
     d.train_short, d.train_short_mode = (640, 672, 704, 736, 768, 800), "choice"
   d.train_max_size = 1333
-  d.train_buckets = ()  # () = one bucket of the largest possible size
+  # Training image shapes (H, W), one compiled train step each; () = a landscape and a portrait
+  # bucket of the largest resized size (data/pipeline.py:train_buckets).
+  d.train_buckets = ()
   d.test_buckets = ()
   d.max_instances = 100
   d.gt_mask_size = 112  # instance masks cropped to their box and resized to this (training)
   d.flip_prob = 0.5
   d.train_filter_empty = True
+  # Loader worker processes (grain; 0 = load in the training process). A host feeding 8 GPUs
+  # needs about one per 150 images/s (docs/training.md, "Data loading").
   d.num_workers = 2
   d.val_json = ""
   d.val_images = ""

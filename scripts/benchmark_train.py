@@ -5,11 +5,11 @@
   python scripts/benchmark_train.py --config configs/detectron2/mask_rcnn_R_50_FPN_1x.py \
       --batch_per_device 2 --config.model.dtype=bfloat16
 
-Measures the jitted, mesh-sharded train step alone (the one `maskrcnn_jax.train` runs: forward,
-targets, losses, backward, SGD update) on synthetic batches, so the number is the device's, not the
-data loader's. The image size is the recipe's largest training bucket (e.g. 1344 x 1344 for
-short 800 / max 1333: what a batch of mixed landscape and portrait COCO images pads to) unless
---height/--width are given; each image holds `--instances` random boxes with random masks.
+Measures the jitted, mesh-sharded train step alone (the one `maskrcnn_jax.train` runs: uint8 image
+normalization, forward, targets, losses, backward, SGD update) on synthetic batches in the loader's
+format, so the number is the device's, not the data loader's. The image size is the recipe's first
+training bucket (800 x 1344, the landscape one, for short 800 / max 1333) unless --height/--width
+are given; each image holds `--instances` random boxes with random masks.
 Prints compile time, per-step times and images/s, and appends a JSON line to --json if given.
 """
 from __future__ import annotations
@@ -32,7 +32,9 @@ def synthetic_batch(config, batch: int, hw, instances: int, seed: int = 0):
   m = int(pipeline.data_option(config, "max_instances"))
   s = int(pipeline.data_option(config, "gt_mask_size"))
   k = min(instances, m)
-  image = rng.standard_normal((batch, h, w, 3)).astype(np.float32)
+  image = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+  if pipeline.device_normalization(config) is None:  # torchvision: float32 from the host
+    image = rng.standard_normal((batch, h, w, 3)).astype(np.float32)
   xy = rng.uniform(0, 0.7, (batch, m, 2)) * np.array([w, h])
   wh = rng.uniform(0.05, 0.3, (batch, m, 2)) * np.array([w, h])
   boxes = np.concatenate([xy, np.minimum(xy + wh, [w, h])], -1).astype(np.float32)
@@ -45,7 +47,8 @@ def synthetic_batch(config, batch: int, hw, instances: int, seed: int = 0):
       gt_boxes=np.where(valid[..., None], boxes, 0).astype(np.float32),
       gt_labels=rng.integers(0, int(config.model.num_classes), (batch, m)).astype(np.int32),
       gt_valid=valid, gt_crowd=np.zeros((batch, m), bool),
-      gt_masks=np.broadcast_to(ellipse.astype(np.uint8), (batch, m, s, s)).copy())
+      gt_masks_bits=np.broadcast_to(np.packbits(ellipse, axis=-1), (batch, m, s, (s + 7) // 8))
+      .copy())
 
 
 def time_train_step(c, global_batch: int, hw, *, instances: int = 7, steps: int = 10,
@@ -75,7 +78,7 @@ def time_train_step(c, global_batch: int, hw, *, instances: int = 7, steps: int 
   loss_kwargs = trainer.sampler_kwargs(c.train)
   step_fn = train_state.make_train_step(
       model, tx, schedule, mesh, state, compute_dtype=jnp.dtype(c.model.get("dtype", "float32")),
-      loss_kwargs=loss_kwargs, loss_scale=loss_scale)
+      loss_kwargs=loss_kwargs, loss_scale=loss_scale, prepare_batch=trainer.prepare_batch_fn(c))
   batch = sharding.shard_batch(synthetic_batch(c, global_batch, hw, instances), mesh)
 
   t0 = time.perf_counter()
@@ -123,7 +126,7 @@ def main():
     n_dev = mesh.devices.size
     global_batch = batch_per_device.value * n_dev
     hw = (height.value, width.value) if height.value and width.value else \
-        pipeline.max_train_size(c)
+        pipeline.train_buckets(c)[0]
     timing = time_train_step(c, global_batch, hw, instances=instances.value, steps=steps.value,
                              warmup=warmup.value, mesh=mesh)
     device = jax.devices()[0]

@@ -177,7 +177,7 @@ def train_one(args):
   from maskrcnn_jax.data import pipeline
   c = load_config(args)
   c.model.dtype = args.dtype
-  hw = pipeline.max_train_size(c)
+  hw = pipeline.train_buckets(c)[0]  # the landscape bucket the loader pads most COCO images to
   try:
     result = time_train_step(c, args.batch, hw, steps=2 if args.dry else 10,
                              warmup=0 if args.dry else 2)

@@ -70,10 +70,13 @@ def _cast_batch(batch: Dict[str, jax.Array], compute_dtype) -> Dict[str, jax.Arr
 
 
 def make_loss_fn(model: nn.Module, *, compute_dtype=None, loss_method: Optional[Callable] = None,
-                 loss_kwargs: Optional[Dict[str, Any]] = None):
+                 loss_kwargs: Optional[Dict[str, Any]] = None,
+                 prepare_batch: Optional[Callable] = None):
   """(params, batch_stats, batch, rng) -> (loss, (terms, new_batch_stats)).
 
-  Calls `model.apply(variables, batch, rng, method=<Model>.losses, mutable=['batch_stats'])`.
+  Calls `model.apply(variables, batch, rng, method=<Model>.losses, mutable=['batch_stats'])`, on
+  `prepare_batch(batch)` when given (the loader's uint8 images and packed masks -> model inputs,
+  `ops.inputs.model_inputs`).
   """
   method = loss_method or type(model).losses
   kwargs = dict(loss_kwargs or {})
@@ -82,6 +85,8 @@ def make_loss_fn(model: nn.Module, *, compute_dtype=None, loss_method: Optional[
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
+    if prepare_batch is not None:
+      batch = prepare_batch(batch)
     (loss, terms), new_vars = model.apply(
         variables, _cast_batch(batch, compute_dtype), rng, method=method,
         mutable=["batch_stats"], **kwargs)
@@ -94,13 +99,15 @@ def make_loss_fn(model: nn.Module, *, compute_dtype=None, loss_method: Optional[
 
 def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, *,
                   compute_dtype=None, loss_method: Optional[Callable] = None,
-                  loss_kwargs: Optional[Dict[str, Any]] = None, loss_scale=None):
+                  loss_kwargs: Optional[Dict[str, Any]] = None, loss_scale=None,
+                  prepare_batch: Optional[Callable] = None):
   """The un-jitted step: (state, batch) -> (new_state, metrics dict of float32 scalars).
 
   loss_scale: a `loss_scale.LossScale` (the state must hold its LossScaleState) or None.
+  prepare_batch: runs inside the step before the model (`make_loss_fn`).
   """
   loss_fn = make_loss_fn(model, compute_dtype=compute_dtype, loss_method=loss_method,
-                         loss_kwargs=loss_kwargs)
+                         loss_kwargs=loss_kwargs, prepare_batch=prepare_batch)
 
   def scaled_loss_fn(params, batch_stats, batch, rng, scale_state):
     loss, aux = loss_fn(params, batch_stats, batch, rng)
@@ -144,14 +151,15 @@ def train_step_fn(model: nn.Module, tx: optax.GradientTransformation, schedule: 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
                     mesh: Mesh, state: TrainState, *, compute_dtype=None, donate: bool = True,
                     loss_method: Optional[Callable] = None,
-                    loss_kwargs: Optional[Dict[str, Any]] = None, loss_scale=None):
+                    loss_kwargs: Optional[Dict[str, Any]] = None, loss_scale=None,
+                    prepare_batch: Optional[Callable] = None):
   """jax.jit of `train_step_fn` with the state replicated and the batch sharded on 'data'.
 
   The batch sharding is taken from the arrays (sharding.shard_batch); outputs: the state
-  replicated, the metrics replicated scalars.
+  replicated, the metrics replicated scalars. `prepare_batch` runs inside the step (`make_loss_fn`).
   """
   fn = train_step_fn(model, tx, schedule, compute_dtype=compute_dtype, loss_method=loss_method,
-                     loss_kwargs=loss_kwargs, loss_scale=loss_scale)
+                     loss_kwargs=loss_kwargs, loss_scale=loss_scale, prepare_batch=prepare_batch)
   shardings = state_shardings(state, mesh)
   rep = sharding_lib.replicated(mesh)
   return jax.jit(fn, in_shardings=(shardings, sharding_lib.data_sharding(mesh)),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import functools
 import logging
 import math
 import os
@@ -46,8 +47,10 @@ from maskrcnn_jax.training import train_state as train_state_lib
 
 logger = logging.getLogger(__name__)
 
-# The batch keys the model's losses read (the loader also returns image_id, flipped, truncated).
-TRAIN_KEYS = ("image", "image_hw", "gt_boxes", "gt_labels", "gt_valid", "gt_crowd", "gt_masks")
+# The batch keys the train step reads (the loader also returns image_id, flipped, truncated):
+# uint8 images and packed masks become the model's inputs inside the step (ops/inputs.py).
+TRAIN_KEYS = ("image", "image_hw", "gt_boxes", "gt_labels", "gt_valid", "gt_crowd", "gt_masks",
+              "gt_masks_bits")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -242,6 +245,20 @@ def _progress_line(step: int, total: int, m: Dict[str, float], ips: float, eta: 
           f"{ips:.2f} img/s  ETA {_fmt_time(eta)}")
 
 
+def prepare_batch_fn(config: ml_collections.ConfigDict):
+  """The loader's batch -> the model's inputs, inside the jitted step: uint8 images normalized
+  bit-identically to the host's float32 normalization, packed mask crops unpacked
+  (`ops.inputs.model_inputs`, `data.pipeline.device_normalization`)."""
+  from maskrcnn_jax.data import pipeline
+  from maskrcnn_jax.ops import inputs as inputs_lib
+  norm = pipeline.device_normalization(config)
+  if norm is None:
+    return inputs_lib.model_inputs
+  table, source = norm
+  return functools.partial(inputs_lib.model_inputs, table=table,
+                           source=tuple(int(c) for c in source))
+
+
 def sampler_kwargs(train_config) -> Dict[str, Any]:
   """config.train's sampler settings as `MaskRCNN.losses` keyword arguments (unset or 0 sizes
   keep the references' 256 / 512; fractions must lie in (0, 1])."""
@@ -323,7 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _print(f"{config.get('upstream', '') or 'model'}: {sum(counts.values()) / 1e6:.2f}M params "
          f"({counts['frozen'] / 1e6:.2f}M frozen); {mesh.devices.size} device(s), "
          f"{jax.process_count()} process(es), global batch {global_batch}; "
-         f"{len(loader.image_ids)} training images, {loader.steps_per_epoch} steps/epoch; "
+         f"{len(loader.image_ids)} training images, {loader.steps_per_epoch} steps/epoch, "
+         f"image buckets {' '.join(f'{h}x{w}' for h, w in loader.buckets)}; "
          f"schedule: {schedule.describe()}; running {total_steps} steps")
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -347,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     loss_kwargs.update(sampler_kwargs(tc))
   train_step = train_state_lib.make_train_step(
       model, tx, schedule, mesh, state, compute_dtype=compute_dtype, loss_kwargs=loss_kwargs,
-      loss_scale=loss_scale)
+      loss_scale=loss_scale, prepare_batch=prepare_batch_fn(config))
 
   writer = metric_writers.NullWriter()
   if jax.process_index() == 0:

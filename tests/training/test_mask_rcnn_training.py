@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent("""
   from benchmark_train import synthetic_batch
   from maskrcnn_jax import config_lib
   from maskrcnn_jax.modeling.build import build_model, init_variables
-  from maskrcnn_jax.training import optimizer, sharding, train_state
+  from maskrcnn_jax.training import optimizer, sharding, train_state, trainer
   c = config_lib.load_config_file({repo!r} + "/configs/quickstart.py")
   c.model.num_classes = 5
   # SGD: Adam (the quickstart's) scales near-zero gradients to full-size updates, which would turn
@@ -74,7 +74,8 @@ SCRIPT = textwrap.dedent("""
     st = train_state.place_state(
         train_state.create_train_state(variables, tx, jax.random.PRNGKey(1)), mesh)
     step = train_state.make_train_step(model, tx, sched, mesh, st, donate=False,
-                                       loss_kwargs=dict(roi_batch_per_image=32))
+                                       loss_kwargs=dict(roi_batch_per_image=32),
+                                       prepare_batch=trainer.prepare_batch_fn(c))
     losses = []
     for _ in range(2):
       st, m = step(st, sharding.shard_batch(batch, mesh))
@@ -106,7 +107,7 @@ def test_bfloat16_step_keeps_float32_master_weights(tmp_path):
   from benchmark_train import synthetic_batch
   from maskrcnn_jax import config_lib
   from maskrcnn_jax.modeling.build import build_model, init_variables
-  from maskrcnn_jax.training import optimizer, sharding, train_state
+  from maskrcnn_jax.training import optimizer, sharding, train_state, trainer
   c = config_lib.load_config_file(os.path.join(REPO, "configs", "quickstart.py"))
   c.model.num_classes = 5
   model = build_model(c, train=True)
@@ -117,7 +118,8 @@ def test_bfloat16_step_keeps_float32_master_weights(tmp_path):
   st = train_state.place_state(
       train_state.create_train_state(variables, tx, jax.random.PRNGKey(1)), mesh)
   step = train_state.make_train_step(model, tx, sched, mesh, st, compute_dtype=jnp.bfloat16,
-                                     loss_kwargs=dict(roi_batch_per_image=32))
+                                     loss_kwargs=dict(roi_batch_per_image=32),
+                                     prepare_batch=trainer.prepare_batch_fn(c))
   st, m = step(st, sharding.shard_batch(synthetic_batch(c, 2, (64, 64), 3), mesh))
   assert np.isfinite(float(m["loss"])) and float(m["finite"]) == 1.0
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(st.params))

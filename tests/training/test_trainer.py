@@ -73,8 +73,9 @@ def test_sigkill_and_restart_continues_the_same_losses(tmp_path, cache_dir):
   expected = tiny.workdir_losses(str(tmp_path / "ref"))
   assert sorted(expected) == list(range(1, steps + 1))
 
+  # The killed and the resumed run load with 2 worker processes, the reference synchronously.
   work = tmp_path / "killed"
-  proc = _subprocess([str(work), cache_dir, str(steps), "--delay", "0.4"])
+  proc = _subprocess([str(work), cache_dir, str(steps), "--delay", "0.4", "--workers", "2"])
   deadline = time.time() + 600
   # Kill once checkpoint 6 is complete and training has gone beyond it.
   while time.time() < deadline:
@@ -90,7 +91,7 @@ def test_sigkill_and_restart_continues_the_same_losses(tmp_path, cache_dir):
   killed_at = max(tiny.workdir_losses(str(work)))
   assert killed_at < steps, "the run finished before it could be killed"
 
-  again = _subprocess([str(work), cache_dir, str(steps)])
+  again = _subprocess([str(work), cache_dir, str(steps), "--workers", "2"])
   out, _ = again.communicate(timeout=600)
   assert again.returncode == 0, out
   assert "resumed from" in out, out
@@ -129,7 +130,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, cache_dir
     batch = original(self)
     count["n"] += 1
     if count["n"] == 5:
-      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      batch = dict(batch, gt_boxes=np.full_like(batch["gt_boxes"], np.nan))
     return batch
 
   monkeypatch.setattr(loader_lib.TrainLoader, "__next__", poisoned)
