@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="torchvision", depth=50, style="pytorch", pixel=config_lib.TORCHVISION_RGB01,
-      norm_eps=0.0, schedule="26e", upstream="maskrcnn_resnet50_fpn")
+      norm_eps=0.0, schedule="26e",
+      backbone_init="ResNet50_Weights.IMAGENET1K_V1",
+      upstream="maskrcnn_resnet50_fpn")
   config.model.num_classes = 90  # 91 outputs, background first
   config.published = config_lib.published(
       box_ap=37.9, mask_ap=34.6,
