@@ -55,7 +55,6 @@ import io
 import json
 import pickle
 import sys
-import zipfile
 import zlib
 from pathlib import Path
 
@@ -89,13 +88,19 @@ EPS = 1e-5
 
 
 @functools.lru_cache(maxsize=None)
-def synthetic():
-  """maskrcnn_jax/checkpoints/synthetic.py as a file (no package import, no jax)."""
-  path = REPO / "maskrcnn_jax" / "checkpoints" / "synthetic.py"
-  spec = importlib.util.spec_from_file_location("_maskrcnn_jax_synthetic", path)
+def tvfix():
+  """scripts/make_parity_fixtures.py (the torchvision generator), loaded as a file: its
+  `sample_positions` and byte-reproducible `write_npz`."""
+  spec = importlib.util.spec_from_file_location("_make_parity_fixtures_tv",
+                                                REPO / "scripts" / "make_parity_fixtures.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def synthetic():
+  """maskrcnn_jax/checkpoints/synthetic.py as a file (no package import, no jax)."""
+  return tvfix().load_synthetic()
 
 
 def rng_for(*parts) -> np.random.Generator:
@@ -397,16 +402,10 @@ def load_d2(keys, one_d):
 
 
 # ----------------------------------------------------------------------------- recording
-def sample_positions(rng, shape, n):
-  total = int(np.prod(shape))
-  flat = np.sort(rng.choice(total, size=min(n, total), replace=False))
-  return np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int32)
-
-
 def record(prefix: str, x, feats: dict) -> dict:
   out = {}
   xin = x[0].permute(1, 2, 0).numpy()
-  pos = sample_positions(rng_for(prefix, "input"), xin.shape, N_SAMPLE)
+  pos = tvfix().sample_positions(rng_for(prefix, "input"), xin.shape, N_SAMPLE)
   out[prefix + "input/sample_yxc"] = pos
   out[prefix + "input/sample_values"] = xin[pos[:, 0], pos[:, 1], pos[:, 2]].astype(np.float32)
   for stage in STAGES:
@@ -414,7 +413,7 @@ def record(prefix: str, x, feats: dict) -> dict:
     q = f"{prefix}{stage}/"
     out[q + "hw"] = np.array(f.shape[:2], np.int32)
     out[q + "channel_mean"] = f.astype(np.float64).mean((0, 1)).astype(np.float32)
-    pos = sample_positions(rng_for(prefix, stage), f.shape, N_SAMPLE)
+    pos = tvfix().sample_positions(rng_for(prefix, stage), f.shape, N_SAMPLE)
     out[q + "sample_yxc"] = pos
     out[q + "sample_values"] = f[pos[:, 0], pos[:, 1], pos[:, 2]].astype(np.float32)
     print(f"  {prefix}{stage}: {f.shape} mean {f.mean():.3f} std {f.std():.3f} "
@@ -436,20 +435,6 @@ def run_d2(keys, one_d, rgb):
   x = d2_input(model, rgb[None])
   with torch.no_grad():
     return x, model.backbone.bottom_up(x), raw
-
-
-def write_npz(path: Path, arrays: dict) -> None:
-  """np.savez_compressed with fixed zip timestamps (byte-reproducible)."""
-  tmp = path.with_suffix(".tmp")
-  with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-    for k, v in arrays.items():
-      buf = io.BytesIO()
-      np.lib.format.write_array(buf, np.asanyarray(v), allow_pickle=False)
-      zi = zipfile.ZipInfo(k + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-      zi.compress_type = zipfile.ZIP_DEFLATED
-      zi.external_attr = 0o644 << 16
-      zf.writestr(zi, buf.getvalue())
-  tmp.replace(path)
 
 
 def cmd_features(args) -> None:
@@ -514,7 +499,7 @@ def cmd_features(args) -> None:
       if len(s) == 1:
         out[f"{m}/w/{k}"] = np.asarray(one_d[k], np.float32)
     out.update(record(f"{m}/", x, feats))
-  write_npz(OUT_NPZ, out)
+  tvfix().write_npz(OUT_NPZ, out)
   print(f"wrote {OUT_NPZ.relative_to(REPO)} ({OUT_NPZ.stat().st_size / 1e6:.2f} MB)")
 
 

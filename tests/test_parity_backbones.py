@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from maskrcnn_jax import config_lib, inference
-from maskrcnn_jax.checkpoints import backbones, synthetic, torch_reader
+from maskrcnn_jax.checkpoints import backbones, name_maps, synthetic, torch_reader
 from maskrcnn_jax.modeling.build import build_model, variable_shapes
 from maskrcnn_jax.training import checkpointing
 
@@ -100,12 +100,7 @@ def test_backbone_features_equal_the_reference(model, tmp_path, monkeypatch):
   np.testing.assert_allclose(batch["image"][pos[:, 0], pos[:, 1], pos[:, 2]],
                              FX[f"{model}/input/sample_values"], rtol=0, atol=2e-6)
 
-  variables = {"params": {}, "batch_stats": {}}
-  for p, v in loaded.items():
-    node = variables
-    for k in p[:-1]:
-      node = node.setdefault(k, {})
-    node[p[-1]] = v
+  variables = name_maps.unflatten_variables(loaded)
   feats = jax.jit(lambda v, x: net.apply(v, x, method=lambda m, y: m.backbone(y)))(
       variables, batch["image"][None])
   report = []

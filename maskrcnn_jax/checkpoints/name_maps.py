@@ -624,24 +624,36 @@ def map_state_dict(state: Mapping[str, np.ndarray], *, framework: str, spec: Mod
     if entry is None or leaf not in _LEAVES[entry[1]]:
       unmatched.append(key)
       continue
-    path, kind = entry
-    collection, name, hook = _LEAVES[kind][leaf]
-    target = (collection,) + path + (name,)
+    target, hook = _leaf_target(entry, leaf)
     if target in flat:
       problems.append(f'{key} and {sources[target]} both map to {_fmt_path(target)} '
                       '(the checkpoint has the legacy and the current spelling)')
       continue
-    arr = np.asarray(value)
-    try:
-      arr = hook(arr)
-    except _LayoutError as e:
-      problems.append(f'{key}: {e}')
-      continue
-    if dtype is not None and _is_float(arr.dtype):
-      arr = arr.astype(dtype)
-    flat[target] = np.asarray(arr, order='C')  # not ascontiguousarray: it makes 0-d arrays 1-d
-    sources[target] = key
+    _store(flat, sources, problems, key, value, target, hook, dtype)
   return MappingResult(unflatten_variables(flat), sources, unmatched, dropped, problems)
+
+
+def _leaf_target(entry: _Entry, leaf: str) -> tuple[tuple[str, ...], Callable]:
+  """(variable path, layout hook) of the torch leaf `leaf` ('weight', 'running_mean', ...) of the
+  module table entry `entry`."""
+  path, kind = entry
+  collection, name, hook = _LEAVES[kind][leaf]
+  return (collection,) + path + (name,), hook
+
+
+def _store(flat: dict, sources: dict, problems: list, key: str, value, target: tuple[str, ...],
+           hook: Callable, dtype) -> None:
+  """flat[target] = hook(value) with floating results cast to `dtype` (None keeps them), and
+  sources[target] = key; a layout error goes to `problems` instead."""
+  try:
+    arr = hook(np.asarray(value))
+  except _LayoutError as e:
+    problems.append(f'{key}: {e}')
+    return
+  if dtype is not None and _is_float(arr.dtype):
+    arr = arr.astype(dtype)
+  flat[target] = np.asarray(arr, order='C')  # not ascontiguousarray: it makes 0-d arrays 1-d
+  sources[target] = key
 
 
 def _check_not_mmdet_v1(state: Mapping[str, np.ndarray], source: str | None):
@@ -1152,11 +1164,11 @@ def map_backbone(state: Mapping[str, np.ndarray], *, depth: int, arch: str = 'FP
     return detectron2_to_c2_name(name) if naming == 'c2' else name
 
   keys = {}
-  for module, (path, kind) in table.items():
-    for leaf, (collection, name, _) in _LEAVES[kind].items():
-      if kind == 'conv' and leaf == 'bias':
+  for module, entry in table.items():
+    for leaf in _LEAVES[entry[1]]:
+      if entry[1] == 'conv' and leaf == 'bias':
         continue  # the backbone convs have no bias
-      keys[(collection,) + path + (name,)] = file_key(module, leaf)
+      keys[_leaf_target(entry, leaf)[0]] = file_key(module, leaf)
   flat: dict[tuple[str, ...], np.ndarray] = {}
   sources: dict[tuple[str, ...], str] = {}
   dropped: list[tuple[str, str]] = []
@@ -1176,18 +1188,7 @@ def map_backbone(state: Mapping[str, np.ndarray], *, depth: int, arch: str = 'FP
     elif entry is None or leaf not in _LEAVES[entry[1]]:
       unmatched.append(key)
     else:
-      path, kind = entry
-      collection, target_name, hook = _LEAVES[kind][leaf]
-      target = (collection,) + path + (target_name,)
-      try:
-        arr = hook(np.asarray(value))
-      except _LayoutError as e:
-        problems.append(f'{key}: {e}')
-        continue
-      if dtype is not None and _is_float(arr.dtype):
-        arr = arr.astype(dtype)
-      flat[target] = np.asarray(arr, order='C')
-      sources[target] = key
+      _store(flat, sources, problems, key, value, *_leaf_target(entry, leaf), dtype)
   filled = []
   for module, (path, kind) in table.items():
     if kind != 'norm':
