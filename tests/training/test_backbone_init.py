@@ -6,11 +6,12 @@ naming (affine-only norms, plain pickle) and torchvision's (torch.save). The tra
 loop (data, loader, optimizer with the recipe's frozen groups, checkpoints) on a detector whose
 backbone is the recipes' `ResNet` module under a tiny head (the full Mask R-CNN compiles for over a
 minute on CPU; the same checks with it run with MASKRCNN_JAX_SLOW_TESTS=1). Asserted:
-* at step 0 every backbone variable equals the file's value (read here with numpy/pickle and the
-  torch-free reader, mapped by an independent table), the Caffe2 norms get mean 0 / var 1, and the
-  other modules keep their fresh initialisation;
-* after a few steps the frozen stages (stem, res2 with freeze_at 2) and every FrozenBN are bitwise
-  unchanged while the trainable convs moved (the Caffe2 file; the .pth at step 0 only);
+* at step 0 every backbone variable equals the file's value (read here with the torch-free reader
+  and mapped by an independent table) and the other modules keep their fresh initialisation (the
+  .pth file);
+* after a few steps the frozen stages (stem, res2 with freeze_at 2) and every FrozenBN (the Caffe2
+  norms: mean 0 / var 1) are bitwise the file's while every trainable conv moved a little from the
+  file's value (the .pkl file);
 * a resumed run does not read the file again; a new run without it stops at once.
 """
 from __future__ import annotations
@@ -143,8 +144,9 @@ def frozen(path) -> bool:
       ("stem", "res2_")) or "norm" in path[3 if len(path) > 4 else 2])
 
 
-def check_start(kind, config, workdir, model=None) -> dict:
-  """Step 0 of a run: every backbone variable equals the file's value. Returns the state."""
+def check_start(kind, config, workdir, model=None) -> None:
+  """Step 0 of a run: every backbone variable equals the file's value, and the other modules are
+  the model's own fresh initialisation (the trainer's init rng)."""
   want = expected_from_file(kind)
   start = trainer.train_and_evaluate(config, str(workdir / "start"), stop_after=0, model=model)
   got = flat_state(start["state"])
@@ -152,14 +154,6 @@ def check_start(kind, config, workdir, model=None) -> dict:
   assert backbone == set(want), sorted(backbone ^ set(want))[:5]
   for p in backbone:
     np.testing.assert_array_equal(got[p], want[p], err_msg="/".join(p))
-  return got
-
-
-def check_run(kind, config, workdir, model=None):
-  """The checks of the module docstring; `model`: a stand-in, else the trainer's own."""
-  want = expected_from_file(kind)
-  got = check_start(kind, config, workdir, model)
-  # The other modules: the model's own fresh initialisation (the trainer's init rng).
   fresh = traverse_util.flatten_dict(jax.device_get(init_variables(
       model or build_model(config, train=True),
       jax.random.split(jax.random.PRNGKey(int(config.seed)))[0])))
@@ -168,28 +162,35 @@ def check_run(kind, config, workdir, model=None):
   for p in others:
     np.testing.assert_array_equal(got[p], np.asarray(fresh[p]), err_msg="/".join(p))
 
-  # A few steps: frozen parts bitwise unchanged, every trainable conv moved.
+
+def check_run(kind, config, workdir, model=None) -> None:
+  """A few steps from the file: the frozen parts (stem, res2, every FrozenBN) bitwise the file's,
+  every trainable conv moved, by the little that 3 small SGD steps move it from the file's value
+  (from a fresh initialisation it would be ~100 %)."""
+  want = expected_from_file(kind)
   result = trainer.train_and_evaluate(config, str(workdir / "run"), model=model)
   assert result["step"] == int(config.schedule.length)
   after = flat_state(result["state"])
   backbone = [p for p in after if p[1] == "backbone"]
+  assert set(backbone) == set(want)
   frozen_paths = [p for p in backbone if frozen(p)]
   trainable = [p for p in backbone if not frozen(p)]
   assert len(trainable) == 13 * 3 + 3  # res3..res5: 13 blocks x 3 convs + 3 shortcuts
   for p in frozen_paths:
     np.testing.assert_array_equal(after[p], want[p], err_msg="/".join(p))
-  moved = [p for p in trainable if not np.array_equal(after[p], want[p])]
-  assert len(moved) == len(trainable), sorted(set(trainable) - set(moved))[:5]
+  for p in trainable:
+    change = np.abs(after[p] - want[p]).max() / np.abs(want[p]).max()
+    assert 0 < change < 1e-2, ("/".join(p), change)  # measured 1e-6 .. 1.2e-4
 
 
-# The ResNet-50 topology's init and train step compile for ~25 s each on one CPU core: the
-# .pth file is checked at step 0 only (the reader and the name map are what differ).
-def test_training_from_a_caffe2_file_loads_it_and_keeps_frozen_stages(tmp_path):
+# The ResNet-50 topology's init and train step each compile for ~25 s on one CPU core: the
+# Caffe2 file is trained (FrozenBN filled, frozen stages), the .pth file checked at step 0.
+def test_training_from_a_caffe2_file_keeps_frozen_stages(tmp_path):
   config = narrow_config("c2", str(tmp_path / "data"))
   check_run("c2", config, tmp_path, BackboneDetector(ModelConfig.from_config(config)))
 
 
-def test_training_from_a_torchvision_file_loads_it(tmp_path):
+def test_training_from_a_torchvision_file_loads_it_and_the_rest_fresh(tmp_path):
   config = narrow_config("torchvision", str(tmp_path / "data"))
   check_start("torchvision", config, tmp_path, BackboneDetector(ModelConfig.from_config(config)))
 
@@ -220,4 +221,5 @@ def test_mask_rcnn_training_starts_from_the_imagenet_file(tmp_path):
   m.rpn_pre_nms_topk_test, m.rpn_post_nms_topk_test = 100, 50
   m.detections_per_image, m.max_candidates, m.roi_align_max_grid = 10, 100, 2
   m.num_classes = 5  # the built-in dataset's (the trainer sets it too)
+  check_start("c2", config, tmp_path)
   check_run("c2", config, tmp_path)
