@@ -5,7 +5,8 @@ here with that recipe's few differences. No inheritance chains: a recipe is one 
 
 Config layout (every field can be overridden on the command line, e.g. --config.model.score_thresh=0.3):
   convention   'mmdet' | 'detectron2' | 'torchvision' (maskrcnn_jax/conventions.py)
-  model        backbone (depth, groups, width_per_group, stride_in_1x1, norm, norm_eps, freeze_at),
+  model        backbone (depth, groups, width_per_group, stride_in_1x1, norm, norm_eps, freeze_at,
+               backbone_init: the upstream ImageNet file training starts from),
                pixel_mean/pixel_std/to_rgb/input_scale, fpn, rpn, roi heads, mask head, maskiou head
   data         test_short/test_max_size, size_divisibility, val/train sources
   optim        optimizer (optim_config), schedule: learning-rate schedule (schedule_config),
@@ -49,7 +50,7 @@ TORCHVISION_RGB01 = dict(pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.2
 def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_group: int = 64,
               style: str = "pytorch", pixel: dict | None = None,
               mask_scoring: bool = False, schedule: str = "1x", multiscale: bool = False,
-              torchvision_v2: bool = False, arch: str = "FPN",
+              torchvision_v2: bool = False, arch: str = "FPN", backbone_init: str = "",
               upstream: str = "") -> ml_collections.ConfigDict:
   """The Mask R-CNN / Mask Scoring R-CNN config shared by all recipes.
 
@@ -65,6 +66,10 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
     arch: 'FPN', or detectron2's 'C4' (Base-RCNN-C4.yaml: Res5ROIHeads, mask head with no convs)
       and 'DC5' (Base-RCNN-DilatedC5.yaml): one stride-16 feature map, all five anchor sizes on
       it, RPN top-k 6000 / 1000 at test time (12000 / 2000 in training, the defaults).
+    backbone_init: the ImageNet-pretrained backbone the upstream recipe starts from, as its config
+      names it (maskrcnn_jax/checkpoints/backbones.py CATALOG, e.g.
+      'detectron2://ImageNetPretrained/MSRA/R-50.pkl', 'torchvision://resnet50'), or a file path;
+      '' trains from scratch.
     upstream: the upstream config name, for the record.
   """
   if style not in ("caffe", "pytorch"):
@@ -92,6 +97,11 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   # from scratch uses the convention's default (1e-5). Overridable: --config.model.norm_eps=0.
   m.norm_eps = ml_collections.config_dict.placeholder(float)
   m.freeze_at = 2
+  # Training starts from this ImageNet file (backbone only; the FPN and heads start fresh) unless
+  # config.init is set (maskrcnn_jax/training/checkpointing.py:read_backbone_init). Nothing is
+  # downloaded: the file is looked up in $MASKRCNN_JAX_PRETRAINED, default
+  # ~/.cache/maskrcnn_jax/pretrained (checkpoints/backbones.py).
+  m.backbone_init = backbone_init
   m.stem_out_channels = 64  # detectron2 RESNETS.STEM_OUT_CHANNELS
   m.res2_out_channels = 256  # detectron2 RESNETS.RES2_OUT_CHANNELS
   pixel = pixel or (CAFFE_BGR if style == "caffe" else PYTORCH_RGB)

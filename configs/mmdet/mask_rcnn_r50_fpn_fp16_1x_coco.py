@@ -20,6 +20,7 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=50, style="pytorch", pixel=config_lib.PYTORCH_RGB, schedule="1x",
+      backbone_init="torchvision://resnet50",
       upstream="mask_rcnn_r50_fpn_fp16_1x_coco")
   config.model.dtype = "float16"
   config.train.loss_scale = "512."  # mmdet: fp16 = dict(loss_scale=512.)

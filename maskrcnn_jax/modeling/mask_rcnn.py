@@ -103,6 +103,8 @@ class ModelConfig:
         continue  # host-side preprocessing
       if key == "dtype":
         continue  # compute dtype: the trainer casts the image (training/train_state.py)
+      if key == "backbone_init":
+        continue  # the ImageNet file training starts from (training/checkpointing.py)
       if key not in fields:
         raise ValueError(f"unknown config key model.{key}; valid keys: {sorted(fields)}")
       values[key] = tuple(value) if isinstance(value, (list, tuple)) else value

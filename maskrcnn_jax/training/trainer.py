@@ -14,9 +14,11 @@ What a run writes into `workdir` (process 0 only, except checkpoints, which ever
   model/                      the final variables + config.json in the converted-checkpoint layout
                               (predict / evaluate --checkpoint WORKDIR/model)
 
-Restarting the same command continues from the newest checkpoint: params, optimizer state, batch
-statistics, step, rng and the data position are restored, so the losses continue exactly as in an
-uninterrupted run. A non-finite loss stops the run with an error naming the step and the loss
+A new run starts from config.init (a whole converted detector) if set, else from the recipe's
+ImageNet backbone (config.model.backbone_init, checkpointing.read_backbone_init; the FPN and heads
+start fresh), else from scratch. Restarting the same command continues from the newest checkpoint
+instead (neither is read then): params, optimizer state, batch statistics, step, rng and the data
+position are restored, so the losses continue exactly as in an uninterrupted run. A non-finite loss stops the run with an error naming the step and the loss
 terms; the state is never updated by that step and the checkpoints on disk stay the last good ones.
 
 The progress line (stdout, every train.log_every steps) shows step, the loss terms averaged over
@@ -39,7 +41,7 @@ import ml_collections
 import numpy as np
 
 from maskrcnn_jax import conventions as conventions_lib
-from maskrcnn_jax.modeling.build import build_model, init_variables
+from maskrcnn_jax.modeling.build import build_model, init_variables, variable_shapes
 from maskrcnn_jax.training import checkpointing, loss_scale as loss_scale_lib
 from maskrcnn_jax.training import metric_writers, optimizer as optimizer_lib
 from maskrcnn_jax.training import sharding as sharding_lib
@@ -298,6 +300,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   tc = config.train
+  # The starting point, settled before any data or compilation work: a run that resumes reads
+  # neither (its checkpoint holds everything, as detectron2's resume_or_load); otherwise
+  # config.init (a whole detector) or the recipe's ImageNet backbone, whose file must be on disk.
+  resuming = checkpointing.has_checkpoint(os.path.join(workdir, "checkpoints"))
+  init = "" if resuming else config.get("init", "")
+  backbone_file = None
+  if not resuming and not init and config.model.get("backbone_init", ""):
+    backbone_file = checkpointing.resolve_backbone_init(config)
 
   # ---- data ----
   from maskrcnn_jax.data import coco as coco_lib, loader as loader_lib
@@ -323,14 +333,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- model, optimizer, state ----
   custom_model = model is not None
   model = model if custom_model else build_model(config, train=True)
+  backbone = None
+  if backbone_file is not None:  # read and checked before compiling anything
+    backbone = checkpointing.read_backbone_init(config, variable_shapes(model),
+                                                path=backbone_file[0], entry=backbone_file[1])
   rng = jax.random.PRNGKey(int(config.seed))
   init_rng, state_rng = jax.random.split(rng)
   variables = jax.device_get(init_variables(model, init_rng))
   variables = {k: v for k, v in dict(variables).items()}
-  if config.get("init", ""):
-    variables, reinit = checkpointing.load_init(config, variables, config.init)
-    _print(f"initialised from {config.init}"
+  if init:
+    variables, reinit = checkpointing.load_init(config, variables, init)
+    _print(f"initialised from {init}"
            + (f" (re-initialised {len(reinit)} class-dependent variables)" if reinit else ""))
+  elif backbone is not None:
+    variables = checkpointing.replace_variables(variables, backbone[0])
+    _print(f"initialised the backbone from {config.model.backbone_init}: {backbone[1]}")
   tx = optimizer_lib.build_optimizer(config, variables["params"], schedule)
   loss_scale = loss_scale_lib.from_config(config)
   state = train_state_lib.create_train_state(variables, tx, state_rng, loss_scale=loss_scale)
