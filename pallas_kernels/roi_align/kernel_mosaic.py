@@ -51,7 +51,6 @@ because both interpreters run one program at a time. The atomic itself is checke
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
