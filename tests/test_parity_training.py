@@ -36,7 +36,7 @@ import pytest
 from flax import traverse_util
 
 from maskrcnn_jax.checkpoints import provenance
-from maskrcnn_jax.data import coco as coco_lib, pipeline, transforms
+from maskrcnn_jax.data import coco as coco_lib, masks as masks_lib, transforms
 from maskrcnn_jax.modeling import mask_rcnn
 from maskrcnn_jax.modeling.build import build_model
 from maskrcnn_jax.ops import targets as targets_lib
@@ -146,7 +146,7 @@ def build_batch(fx, config):
     batch["gt_masks"][i, :k], batch["gt_mask_boxes"][i, :k] = exact_crops(mk, size)
     clipped = np.clip(ann["boxes"], 0, [w, h, w, h])
     for j in range(k):
-      pipeline_crops[i, j] = pipeline.crop_mask(mk[j], clipped[j], PIPELINE_CROP)
+      pipeline_crops[i, j] = masks_lib.crop_from_bitmap(mk[j], clipped[j], PIPELINE_CROP)
   return batch, dict(masks=masks, pipeline_crops=pipeline_crops, category_ids=ds.category_ids)
 
 

@@ -71,6 +71,9 @@ def _tiny_step(cache_dir, ls):
   loader = loader_lib.TrainLoader(data, config, seed=0, global_batch=2)
   batch = trainer._take_train_keys(next(loader))  # pylint: disable=protected-access
   loader.close()
+  # What the train step makes of the loader's batch (uint8 image normalized, packed masks
+  # unpacked), done once here so the test can swap in a float image that overflows float16.
+  batch = jax.tree.map(np.asarray, trainer.prepare_batch_fn(config)(batch))
   model = tiny.TinyDetector(num_classes=5)
   variables = model.init(jax.random.PRNGKey(0), {k: jnp.asarray(v) for k, v in batch.items()},
                          jax.random.PRNGKey(1), method=model.losses)
