@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from maskrcnn_jax import errors
+
 # COCO category ids of the 80 classes in contiguous order (parity_spec 2.10).
 COCO_CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
@@ -73,15 +75,15 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
     upstream: the upstream config name, for the record.
   """
   if style not in ("caffe", "pytorch"):
-    raise ValueError(f"style must be 'caffe' or 'pytorch', got {style!r}")
+    raise errors.ConfigError(f"style must be 'caffe' or 'pytorch', got {style!r}")
   c = ml_collections.ConfigDict()
   c.upstream = upstream
   c.convention = convention
   c.seed = 0
   if arch not in ("FPN", "C4", "DC5"):
-    raise ValueError(f"arch must be 'FPN', 'C4' or 'DC5', got {arch!r}")
+    raise errors.ConfigError(f"arch must be 'FPN', 'C4' or 'DC5', got {arch!r}")
   if arch != "FPN" and (convention != "detectron2" or mask_scoring or torchvision_v2):
-    raise ValueError(f"arch {arch!r} is detectron2's (no MaskIoU head, no torchvision v2)")
+    raise errors.ConfigError(f"arch {arch!r} is detectron2's (no MaskIoU head, no torchvision v2)")
   single_level = arch != "FPN"
 
   m = c.model = ml_collections.ConfigDict()
@@ -178,6 +180,10 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   # Loader worker processes (grain; 0 = load in the training process). A host feeding 8 GPUs
   # needs about one per 150 images/s (docs/training.md, "Data loading").
   d.num_workers = 2
+  # COCO-format annotation json and image folder of the training and val sets ("" = none; the
+  # training set may also be config.data.builtin, the evaluate CLI's val set too).
+  d.train_json = ""
+  d.train_images = ""
   d.val_json = ""
   d.val_images = ""
 
@@ -232,7 +238,8 @@ def schedule_config(name: str, *, convention: str, upstream: str = "") -> ml_col
     # WARMUP_FACTOR 1/1000.
     table = {"1x": (90000, (60000, 80000)), "3x": (270000, (210000, 250000))}
     if name not in table:
-      raise ValueError(f"unknown detectron2 schedule {name!r}; expected one of {sorted(table)}")
+      raise errors.ConfigError(
+          f"unknown detectron2 schedule {name!r}; expected one of {sorted(table)}")
     s.unit = "step"
     s.length, s.steps = table[name]
     s.warmup_steps = 1000
@@ -242,7 +249,7 @@ def schedule_config(name: str, *, convention: str, upstream: str = "") -> ml_col
     # (RepeatDataset times=3 over a 12-epoch runner with steps [9, 11]). Warmup 500 it, 0.001.
     table = {"1x": (12, (8, 11), 1), "2x": (24, (16, 22), 1), "3x": (12, (9, 11), 3)}
     if name not in table:
-      raise ValueError(f"unknown mmdet schedule {name!r}; expected one of {sorted(table)}")
+      raise errors.ConfigError(f"unknown mmdet schedule {name!r}; expected one of {sorted(table)}")
     s.unit = "epoch"
     s.length, s.steps, s.repeat = table[name]
     if upstream in _MMDET_STEP_OVERRIDES:
@@ -254,13 +261,14 @@ def schedule_config(name: str, *, convention: str, upstream: str = "") -> ml_col
     table = {"26e": (26, (16, 22)), "400e": (400, (352, 384)), "1x": (12, (8, 11)),
              "2x": (24, (16, 22)), "3x": (36, (27, 33))}
     if name not in table:
-      raise ValueError(f"unknown torchvision schedule {name!r}; expected one of {sorted(table)}")
+      raise errors.ConfigError(
+          f"unknown torchvision schedule {name!r}; expected one of {sorted(table)}")
     s.unit = "epoch"
     s.length, s.steps = table[name]
     s.warmup_steps = 1000
     s.warmup_within_first_epoch = True
   else:
-    raise ValueError(f"unknown convention {convention!r}")
+    raise errors.ConfigError(f"unknown convention {convention!r}")
   s.steps = tuple(s.steps)
   return s
 
@@ -317,13 +325,13 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   import os
 
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file not found: {path}")
+    raise errors.InputNotFoundError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(
       "maskrcnn_jax_recipe_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"{path}: a config file must define get_config()")
+    raise errors.ConfigError(f"{path}: a config file must define get_config()")
   return module.get_config()
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from maskrcnn_jax import errors
+
 # nms_trick_max_boxes of a framework that applies the coordinate-offset trick at every size.
 NMS_TRICK_ALWAYS = 2**31 - 1
 
@@ -141,5 +143,5 @@ def get(name: str) -> Convention:
   try:
     return _ALL[name]
   except KeyError:
-    raise ValueError(
+    raise errors.ConfigError(
         f"unknown convention {name!r}; expected one of {sorted(_ALL)}") from None

@@ -5,14 +5,16 @@
 
 Reads mmdetection `.pth` (legacy or zip format), torchvision `.pth` and detectron2 `.pkl` without
 torch, through an unpickling allowlist. Refuses to write anything when a parameter is unmatched or
-a shape disagrees with the config's model, naming each one.
+a shape disagrees with the config's model, naming each one; bad input (a missing, corrupt or
+unsafe file, a checkpoint of another model, a config typo) exits with status 2 and one line on
+stderr (maskrcnn_jax/cli.py).
 """
 from __future__ import annotations
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from maskrcnn_jax import conventions
+from maskrcnn_jax import cli, conventions
 from maskrcnn_jax.checkpoints import name_maps, orbax_io, provenance, torch_reader
 from maskrcnn_jax.modeling.build import build_model, variable_shapes
 
@@ -76,7 +78,7 @@ def main():
     print(summary)
     print(f"wrote {out.value}")
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == "__main__":

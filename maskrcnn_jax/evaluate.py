@@ -14,22 +14,25 @@ built-in shapes dataset's val split when config.data.builtin is set (or config.d
 'builtin'). Runs on every local device; for several hosts start one process per host with
 --distributed (jax.distributed.initialize() auto-detection) or --coordinator_address /
 --num_processes / --process_id. Writes OUT/predictions.json (COCO results) and OUT/metrics.json
-(percent) and prints COCOeval's summaries and a table.
+(percent) and prints COCOeval's summaries and a table. Bad input (a --checkpoint path that holds
+no checkpoint, no val set, missing images, a config typo) exits with status 2 and one line on
+stderr (maskrcnn_jax/cli.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from typing import Any, Callable, Dict, Optional
 
 from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from maskrcnn_jax import cli, errors
+
 
 def resolve_val_set(config: ml_collections.ConfigDict) -> tuple[str, str]:
-  """(annotation json, image dir) of the config's val set; ValueError when there is none."""
+  """(annotation json, image dir) of the config's val set; errors.ConfigError when there is none."""
   data = config.data
   builtin = data.get("builtin", None)
   if data.get("val_source", "") == "builtin" or (builtin and not data.get("val_json", "")):
@@ -38,14 +41,14 @@ def resolve_val_set(config: ml_collections.ConfigDict) -> tuple[str, str]:
     cache_dir = kwargs.pop("cache_dir", None) or None
     return builtin_lib.ensure_builtin_dataset(cache_dir, **kwargs)["val"]
   if not data.get("val_json", ""):
-    raise ValueError("no val set: set --config.data.val_json and --config.data.val_images (a "
-                     "COCO-format json and its image folder), or config.data.builtin")
+    raise errors.ConfigError(
+        "no val set: set --config.data.val_json and --config.data.val_images (a "
+        "COCO-format json and its image folder), or config.data.builtin")
   images = data.get("val_images", "") or os.path.dirname(os.path.abspath(data.val_json))
   return data.val_json, images
 
 
-class CheckpointNotFoundError(FileNotFoundError):
-  """--checkpoint is none of the accepted forms; the message lists what was looked for."""
+CheckpointNotFoundError = errors.CheckpointNotFoundError  # --checkpoint is none of the forms
 
 
 @dataclasses.dataclass
@@ -162,6 +165,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
     for note in notes:
       log(note)
   variables = found.load_variables()
+  from maskrcnn_jax.modeling import build  # pylint: disable=g-import-not-at-top
+  build.check_variables(build.build_model(config), variables, source=found.path)
   return evaluator.evaluate(config, variables, annotation_file=annotation_file,
                             image_dir=image_dir, workdir=workdir, **kwargs)
 
@@ -207,13 +212,9 @@ def main():
     if cache.value:
       jax.config.update("jax_compilation_cache_dir", cache.value)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    # Bad input: one line on stderr, exit status 2 (no traceback).
-    try:
-      resolve_val_set(config.value)
-      resolve_checkpoint(checkpoint.value)
-    except (ValueError, CheckpointNotFoundError) as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
+    # Bad input fails before any model or data work.
+    resolve_val_set(config.value)
+    resolve_checkpoint(checkpoint.value)
     out = workdir.value or os.path.join(checkpoint.value, "eval")
     evaluate_checkpoint(
         config.value, checkpoint.value, out, batch_size_per_device=batch.value,
@@ -221,7 +222,7 @@ def main():
         pad_multiple=pad_multiple.value, per_class=per_class.value, max_images=max_images.value,
         paste=paste.value, scorer=scorer.value)
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == "__main__":

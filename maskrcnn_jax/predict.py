@@ -4,7 +4,9 @@
 
 Writes OUT/predictions.json in the COCO results format (file_name, category_id, bbox [x, y, w, h]
 in original pixels, score, segmentation RLE with str counts; mask_score for Mask Scoring R-CNN)
-and OUT/<image stem>.png with masks, boxes, class names and scores drawn on the image.
+and OUT/<image stem>.png with masks, boxes, class names and scores drawn on the image. Bad input
+(a missing or corrupt image, a bad checkpoint, a config typo) exits with status 2 and one line on
+stderr (maskrcnn_jax/cli.py).
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from maskrcnn_jax import inference
+from maskrcnn_jax import cli, inference
 from maskrcnn_jax.checkpoints import orbax_io, provenance
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_format, visualize
+from maskrcnn_jax.modeling import build
 
 
 
@@ -34,6 +37,7 @@ def predict(config, checkpoint: str, out: str, images, draw_threshold: float = 0
   for note in notes:
     print(note)
   predictor = inference.Predictor(config, variables)
+  build.check_variables(predictor.model, variables, source=checkpoint)
   names = inference.category_names(config)
   os.makedirs(out, exist_ok=True)
   results = []
@@ -68,7 +72,7 @@ def main():
       raise app.UsageError("give at least one image path")
     predict(config.value, checkpoint.value, out.value, images, threshold.value)
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == "__main__":

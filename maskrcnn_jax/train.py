@@ -7,17 +7,19 @@
 Every config field can be overridden on the command line (--config.optim.base_lr=0.01). Running
 the same command again resumes from the newest checkpoint in the workdir. A recipe starts from its
 upstream ImageNet backbone (config.model.backbone_init; download the file first: docs/training.md,
-"Training a zoo recipe on COCO"; a missing file exits with status 2). Multi-host: start the same
+"Training a zoo recipe on COCO"). Bad input (a missing file, a config typo, bad annotations)
+exits with status 2 and one line on stderr, a diverged run with status 3 (maskrcnn_jax/cli.py).
+Multi-host: start the same
 command on every host (the coordinator is read from the cluster environment, or pass
 --distributed to force jax.distributed.initialize()). See maskrcnn_jax/training/trainer.py for
 what the workdir holds.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
+
+from maskrcnn_jax import cli
 
 
 def main():
@@ -33,20 +35,11 @@ def main():
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from maskrcnn_jax.checkpoints.backbones import BackboneInitError
     from maskrcnn_jax.training import sharding, trainer
-    trainer.quiet_library_logs()
     sharding.initialize_distributed(force=distributed.value)
-    try:
-      trainer.train_and_evaluate(config.value, workdir.value, stop_after=stop_after.value)
-    except BackboneInitError as e:  # the recipe's ImageNet file: missing, or not the config's
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
-    except trainer.NonFiniteLossError as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(3)
+    trainer.train_and_evaluate(config.value, workdir.value, stop_after=stop_after.value)
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == "__main__":

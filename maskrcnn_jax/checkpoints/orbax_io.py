@@ -16,6 +16,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from maskrcnn_jax import errors
+
 
 def save_variables(directory: str, variables: Any, config: ml_collections.ConfigDict | None = None,
                    note: str = "") -> None:
@@ -37,11 +39,11 @@ def save_variables(directory: str, variables: Any, config: ml_collections.Config
 def load_variables(directory: str) -> Any:
   """Reads DIR/variables back as a nested dict of numpy arrays.
 
-  Raises FileNotFoundError naming the directory when it holds no converted checkpoint.
+  Raises errors.CheckpointNotFoundError naming the directory when it holds no converted checkpoint.
   """
   target = os.path.join(os.path.abspath(directory), "variables")
   if not os.path.isdir(target):
-    raise FileNotFoundError(
+    raise errors.CheckpointNotFoundError(
         f"{directory}: no converted checkpoint here (expected a 'variables' folder written by "
         f"python -m maskrcnn_jax.convert)")
   with ocp.PyTreeCheckpointer() as ckptr:

@@ -27,6 +27,8 @@ import os
 import re
 from typing import Any, Mapping, Optional
 
+from maskrcnn_jax import errors
+
 # torchvision's released v1 Mask R-CNN weights (MaskRCNN_ResNet50_FPN_Weights.COCO_V1).
 TORCHVISION_COCO_V1_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
 TORCHVISION_COCO_V1_SHA256_PREFIX = "bf2d0c1e"
@@ -75,7 +77,8 @@ def mmdet_config_eps(meta: Optional[Mapping[str, Any]]) -> Optional[float]:
     if match:
       values.add(float(match.group(1)))
   if len(values) > 1:
-    raise ValueError(f"the checkpoint's stored config sets several BatchNorm eps: {sorted(values)}")
+    raise errors.CheckpointContentError(
+        f"the checkpoint's stored config sets several BatchNorm eps: {sorted(values)}")
   return values.pop() if values else None
 
 
@@ -104,7 +107,7 @@ def norm_eps(framework: str, *, torchvision_v2: bool = False, source: Optional[s
     return Decision(DEFAULT_EPS, "mmdet: BatchNorm default eps (no eps in a stored norm_cfg)")
   if framework == "detectron2":
     return Decision(DEFAULT_EPS, "detectron2: FrozenBatchNorm2d / BatchNorm default eps")
-  raise ValueError(f"unknown framework {framework!r}")
+  raise errors.ConfigError(f"unknown framework {framework!r}")
 
 
 def decide(config, *, source: Optional[str] = None, meta: Optional[Mapping[str, Any]] = None,

@@ -34,6 +34,8 @@ import zipfile
 
 import numpy as np
 
+from maskrcnn_jax import errors
+
 try:  # bf16 / fp8 storages (parity_spec 1.1 (c)); ml_dtypes is a declared dependency.
   import ml_dtypes
 except ImportError:  # pragma: no cover - only hit in a stripped-down environment.
@@ -53,8 +55,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(Exception):
-  """Base class of every checkpoint loading / mapping error."""
+CheckpointError = errors.CheckpointError  # base of every checkpoint loading / mapping error
 
 
 class CheckpointFormatError(CheckpointError, ValueError):
@@ -713,6 +714,9 @@ def load_checkpoint(path, *, allow_caffe2: bool = False
     'unknown'}; state and meta as in `load_pth` / `load_pkl`.
   """
   path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise errors.CheckpointNotFoundError(
+        f'{path}: no such file' if not os.path.exists(path) else f'{path}: not a file')
   with open(path, 'rb') as fh:
     head = fh.read(512)
   kind = sniff_format(head)

@@ -37,6 +37,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
+from maskrcnn_jax import errors
+
 logger = logging.getLogger(__name__)
 
 CLASSES = ("circle", "square", "triangle", "star", "ring")
@@ -98,9 +100,9 @@ def ensure_builtin_dataset(cache_dir: Optional[Union[str, os.PathLike]] = None, 
          categories=[{'id', 'name', 'supercategory'}], root=dataset folder).
   """
   if image_size < 32:
-    raise ValueError(f"image_size must be >= 32, got {image_size}")
+    raise errors.ConfigError(f"image_size must be >= 32, got {image_size}")
   if num_train < 0 or num_val < 0:
-    raise ValueError("num_train and num_val must be >= 0")
+    raise errors.ConfigError("num_train and num_val must be >= 0")
   args = dict(version=VERSION, num_train=int(num_train), num_val=int(num_val),
               image_size=int(image_size), seed=int(seed))
   root = dataset_dir(cache_dir, num_train=args["num_train"], num_val=args["num_val"],
@@ -110,12 +112,14 @@ def ensure_builtin_dataset(cache_dir: Optional[Union[str, os.PathLike]] = None, 
     with open(meta_path, "r", encoding="utf-8") as f:
       meta = json.load(f)
     if meta.get("args") != args:
-      raise RuntimeError(f"{root} holds a dataset made with {meta.get('args')}, not {args}; "
-                         "delete the folder to regenerate it")
+      raise errors.UserError(
+          f"{root} holds a dataset made with {meta.get('args')}, not {args}; "
+          "delete the folder to regenerate it")
     return _result(root)
   if os.path.exists(root):
-    raise RuntimeError(f"{root} exists but has no meta.json (not a complete built-in dataset); "
-                       "delete it to regenerate")
+    raise errors.UserError(
+        f"{root} exists but has no meta.json (not a complete built-in dataset); "
+        "delete it to regenerate")
 
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)

@@ -50,13 +50,14 @@ from pycocotools import coco as coco_lib
 from pycocotools import mask as mask_util
 
 from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax import errors
 from maskrcnn_jax.data import masks as masks_lib
 from maskrcnn_jax.data import transforms
 
 logger = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserError, ValueError):
   """The annotation file or one of its images / annotations is invalid; the message names them."""
 
 

@@ -48,6 +48,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from maskrcnn_jax import errors
 from maskrcnn_jax.data import coco as coco_lib
 from maskrcnn_jax.data import pipeline
 
@@ -241,8 +242,9 @@ class TrainLoader:
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ValueError(f"bad process_index {process_index} / process_count {process_count}")
     if global_batch < 1 or global_batch % process_count:
-      raise ValueError(f"global_batch {global_batch} must be a positive multiple of "
-                       f"process_count {process_count}")
+      raise errors.ConfigError(
+          f"global_batch {global_batch} must be a positive multiple of "
+          f"process_count {process_count}")
     self.dataset = dataset
     self.config = config
     if filter_empty is None:
@@ -258,9 +260,10 @@ class TrainLoader:
     sizes = ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(self.maker.buckets,
                                                            self.maker.bucket_sizes))
     if self.steps_per_epoch == 0:
-      raise ValueError(f"{dataset.annotation_file}: {len(self.image_ids)} training images, no "
-                       f"bucket holds a global batch of {self.global_batch} (images per bucket: "
-                       f"{sizes})")
+      raise errors.ConfigError(
+          f"{dataset.annotation_file}: {len(self.image_ids)} training images, no "
+          f"bucket holds a global batch of {self.global_batch} (images per bucket: "
+          f"{sizes})")
     logger.info("training images per bucket: %s; %d steps per epoch (%d images left out of "
                 "each epoch by the last partial batch of each bucket)", sizes,
                 self.steps_per_epoch, len(self.image_ids) - self.steps_per_epoch *

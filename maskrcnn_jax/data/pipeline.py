@@ -78,6 +78,7 @@ import cv2
 import numpy as np
 
 from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax import errors
 from maskrcnn_jax.data import coco as coco_lib
 from maskrcnn_jax.data import masks as masks_lib
 from maskrcnn_jax.data import transforms
@@ -149,14 +150,14 @@ def sample_short_side(rng: np.random.Generator, shorts: Sequence[int], mode: str
   """
   shorts = [int(s) for s in np.atleast_1d(np.asarray(shorts))]
   if not shorts:
-    raise ValueError("train_short is empty")
+    raise errors.ConfigError("train_short is empty")
   if mode == "choice":
     return shorts[0] if len(shorts) == 1 else shorts[int(rng.integers(len(shorts)))]
   if mode == "range":
     if len(shorts) != 2 or shorts[0] > shorts[1]:
-      raise ValueError(f"train_short_mode 'range' needs (low, high), got {tuple(shorts)}")
+      raise errors.ConfigError(f"train_short_mode 'range' needs (low, high), got {tuple(shorts)}")
     return int(rng.integers(shorts[0], shorts[1] + 1))
-  raise ValueError(f"train_short_mode must be 'choice' or 'range', got {mode!r}")
+  raise errors.ConfigError(f"train_short_mode must be 'choice' or 'range', got {mode!r}")
 
 
 def _round_up(x: int, div: int) -> int:

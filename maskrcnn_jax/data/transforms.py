@@ -26,11 +26,12 @@ import numpy as np
 from PIL import Image
 
 from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax import errors
 
 _ALIASES = {"d2": "detectron2", "tv": "torchvision", "mm": "mmdet", "mmdetection": "mmdet"}
 
 
-class ImageReadError(OSError):
+class ImageReadError(errors.UserError, OSError):
   """An image file is missing, unreadable or cannot be decoded; the message names the file."""
 
 

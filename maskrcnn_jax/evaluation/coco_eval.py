@@ -30,6 +30,7 @@ import concurrent.futures
 import contextlib
 import copy
 import io
+import json
 import math
 import multiprocessing
 import os
@@ -41,7 +42,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn_jax import config_lib
+from maskrcnn_jax import config_lib, errors
 from maskrcnn_jax.evaluation import coco_format
 
 # COCOeval.stats order (`COCOeval.summarize` for bbox / segm).
@@ -50,7 +51,7 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
 IOU_TYPES = ("bbox", "segm")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(errors.UserError, ValueError):
   """A dataset or result set that cannot be evaluated (empty, mismatched categories, ...)."""
 
 
@@ -64,11 +65,28 @@ class CategoryMismatchError(EvaluationError):
 
 
 def load_ground_truth(annotation_file: str) -> COCO:
-  """Reads a COCO-format annotation json (quietly); FileNotFoundError names a missing file."""
+  """Reads a COCO-format annotation json (quietly) as pycocotools' COCO.
+
+  Raises:
+    errors.InputNotFoundError: no such file.
+    EvaluationError: not json, or without the 'images' / 'annotations' / 'categories' lists.
+  """
   if not os.path.isfile(annotation_file):
-    raise FileNotFoundError(f"annotation file not found: {annotation_file}")
-  with contextlib.redirect_stdout(io.StringIO()):
-    return COCO(annotation_file)
+    raise errors.InputNotFoundError(f"annotation file not found: {annotation_file}")
+  try:
+    with open(annotation_file, "r", encoding="utf-8") as f:
+      dataset = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise EvaluationError(f"{annotation_file}: not valid json: {e}") from e
+  if not isinstance(dataset, dict) or not all(
+      isinstance(dataset.get(k), list) for k in ("images", "annotations", "categories")):
+    raise EvaluationError(f"{annotation_file}: not a COCO instances file (needs the lists "
+                          "'images', 'annotations' and 'categories')")
+  gt = COCO()
+  gt.dataset = dataset
+  with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints
+    gt.createIndex()
+  return gt
 
 
 def model_category_ids(config) -> Tuple[np.ndarray, str]:

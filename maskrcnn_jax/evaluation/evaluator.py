@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax import errors
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_eval, host
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, ModelConfig
@@ -64,7 +65,7 @@ class EmptyDatasetError(coco_eval.EvaluationError):
   """The val set has no images."""
 
 
-class MissingImagesError(FileNotFoundError):
+class MissingImagesError(errors.InputNotFoundError):
   """Image files named in the annotation file are not in the image directory."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from pycocotools import mask as mask_util
 
 from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax import errors
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_format
 from maskrcnn_jax.ops import paste as paste_lib
@@ -43,7 +44,7 @@ def preprocess_kwargs(config) -> Dict[str, Any]:
       size_divisibility=int(config.data.size_divisibility))
 
 
-class ImageSizeMismatchError(ValueError):
+class ImageSizeMismatchError(errors.UserError, ValueError):
   """A decoded image's size differs from the width/height its annotation file records."""
 
 

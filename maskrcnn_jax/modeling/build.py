@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from maskrcnn_jax import errors
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, ModelConfig
 
 
@@ -33,3 +36,25 @@ def variable_shapes(model: MaskRCNN) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(1, (64, 64))))
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
   return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def check_variables(model: MaskRCNN, variables: Any, *, source: str) -> None:
+  """Raises errors.CheckpointContentError unless `variables` has exactly `model`'s variables.
+
+  A checkpoint of another recipe (other depth, classes, heads) is named with its first
+  differences rather than failing inside `apply` with a traceback. `source` names the checkpoint.
+  """
+  expected = variable_shapes(model)
+  given = {path: tuple(np.shape(v))
+           for path, v in traverse_util.flatten_dict(dict(variables)).items()}
+  missing = sorted("/".join(p) for p in expected if p not in given)
+  unexpected = sorted("/".join(p) for p in given if p not in expected)
+  other = sorted(f"{'/'.join(p)} {given[p]} (model {s})" for p, s in expected.items()
+                 if p in given and given[p] != s)
+  if missing or unexpected or other:
+    parts = [f"{len(v)} {what}: {', '.join(v[:3])}{', ...' if len(v) > 3 else ''}"
+             for what, v in (("missing", missing), ("not in the model", unexpected),
+                             ("with another shape", other)) if v]
+    raise errors.CheckpointContentError(
+        f"{source} does not fit the config's model ({'; '.join(parts)}); is --config the "
+        "recipe the checkpoint was made for?")

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax import errors
+
 Dtype = Any
 
 
@@ -97,7 +99,7 @@ class Norm(nn.Module):
       return _bn_here(self, x, mask)
     if self.kind == "gn":
       return _gn_here(self, x)
-    raise ValueError(f"unknown norm kind {self.kind!r}; expected 'frozen_bn', 'bn' or 'gn'")
+    raise errors.ConfigError(f"unknown norm kind {self.kind!r}; expected 'frozen_bn', 'bn' or 'gn'")
 
 
 def _frozen_bn(m: nn.Module, x: jax.Array) -> jax.Array:
@@ -156,9 +158,10 @@ def _gn_here(m: nn.Module, x: jax.Array, groups: int = 32) -> jax.Array:
   scale = m.param("scale", nn.initializers.ones, (c,), jnp.float32)
   bias = m.param("bias", nn.initializers.zeros, (c,), jnp.float32)
   if c % groups:
-    raise ValueError(f"GroupNorm({groups}) at {'/'.join(m.scope.path)} needs a channel count "
-                     f"divisible by {groups}, got {c}: choose widths that are multiples of "
-                     f"{groups} or another norm")
+    raise errors.ConfigError(
+        f"GroupNorm({groups}) at {'/'.join(m.scope.path)} needs a channel count "
+        f"divisible by {groups}, got {c}: choose widths that are multiples of "
+        f"{groups} or another norm")
   n, h, w, _ = x.shape
   xg = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
   mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax import errors
 from maskrcnn_jax.modeling import heads, rpn as rpn_lib
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.resnet import Res5Head, ResNet
@@ -106,16 +107,18 @@ class ModelConfig:
       if key == "backbone_init":
         continue  # the ImageNet file training starts from (training/checkpointing.py)
       if key not in fields:
-        raise ValueError(f"unknown config key model.{key}; valid keys: {sorted(fields)}")
+        raise errors.ConfigError(f"unknown config key model.{key}; valid keys: {sorted(fields)}")
       values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
     conventions_lib.get(values["convention"])  # validates the name
     if values.get("arch", "FPN") not in ARCHS:
-      raise ValueError(f"model.arch must be one of {ARCHS}, got {values['arch']!r}")
+      raise errors.ConfigError(f"model.arch must be one of {ARCHS}, got {values['arch']!r}")
     if values.get("arch", "FPN") != "FPN" and values.get("mask_scoring", False):
-      raise ValueError("model.mask_scoring (the MaskIoU head) is implemented for arch 'FPN' only")
+      raise errors.ConfigError(
+          "model.mask_scoring (the MaskIoU head) is implemented for arch 'FPN' only")
     if float(values.get("roi_canonical_box_size", 224.0)) <= 0:
-      raise ValueError("model.roi_canonical_box_size must be > 0, got "
-                       f"{values['roi_canonical_box_size']!r}")
+      raise errors.ConfigError(
+          "model.roi_canonical_box_size must be > 0, got "
+          f"{values['roi_canonical_box_size']!r}")
     kernels = config.get("kernels", None)
     if kernels is not None and kernels.get("roi_align", None):
       values["roi_align_impl"] = str(kernels.roi_align)

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 import flax.linen as nn
 import jax
 
+from maskrcnn_jax import errors
 from maskrcnn_jax.modeling.layers import Conv, Norm
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
@@ -164,8 +165,9 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> Dict[str, jax.Array]:
     if self.depth not in BLOCKS_PER_STAGE:
-      raise ValueError(f"unsupported ResNet depth {self.depth}; expected one of "
-                       f"{sorted(BLOCKS_PER_STAGE)}")
+      raise errors.ConfigError(
+          f"unsupported ResNet depth {self.depth}; expected one of "
+          f"{sorted(BLOCKS_PER_STAGE)}")
     x = Conv(self.stem_out_channels, 7, 2, use_bias=False, precision=self.precision,
              name="stem_conv")(x)
     x = nn.relu(Norm(self.norm, self.norm_eps, self.train, name="stem_norm")(x))
@@ -181,7 +183,8 @@ class ResNet(nn.Module):
         break
       dilation = self.res5_dilation if stage == 5 else 1
       if self.depth in BASIC_BLOCK_DEPTHS and dilation > 1:
-        raise ValueError("ResNet-18/34 with a dilated res5 is not supported (detectron2 neither)")
+        raise errors.ConfigError(
+            "ResNet-18/34 with a dilated res5 is not supported (detectron2 neither)")
       x = bottleneck_stage(
           x, stage=stage, num_blocks=n_blocks,
           width=0 if self.depth in BASIC_BLOCK_DEPTHS else width,

@@ -27,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from maskrcnn_jax import errors
+
 logger = logging.getLogger(__name__)
 
 
@@ -87,7 +89,7 @@ class Checkpointer:
     """
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      raise errors.CheckpointNotFoundError(f"no checkpoint in {self.directory}")
     restored = self._manager.restore(
         int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(state_template)),
@@ -161,8 +163,9 @@ def init_settings(config: ml_collections.ConfigDict
   if os.path.isdir(source):
     return provenance.decide(config, recorded=orbax_io.load_saved_config(source))
   if not os.path.isfile(source):
-    raise FileNotFoundError(f"config.init={source!r}: neither a converted checkpoint directory "
-                            "nor a checkpoint file")
+    raise errors.CheckpointNotFoundError(
+        f"config.init={source!r}: neither a converted checkpoint directory "
+        "nor a checkpoint file")
   meta = None
   if config.convention == "mmdet":  # only mmdet's decision reads the file (its stored config)
     _, _, meta = torch_reader.load_checkpoint(source)
@@ -181,8 +184,9 @@ def _read_init(config: ml_collections.ConfigDict, source: str) -> Tuple[Dict[str
       num_classes = -1  # unknown: decided by the shapes
     return variables, num_classes
   if not os.path.isfile(source):
-    raise FileNotFoundError(f"config.init={source!r}: neither a converted checkpoint directory "
-                            "nor a checkpoint file")
+    raise errors.CheckpointNotFoundError(
+        f"config.init={source!r}: neither a converted checkpoint directory "
+        "nor a checkpoint file")
   from maskrcnn_jax import convert
   from maskrcnn_jax.checkpoints import name_maps, torch_reader
   _, state, _ = torch_reader.load_checkpoint(source)
@@ -228,7 +232,7 @@ def load_init(config: ml_collections.ConfigDict, variables: Dict[str, Any], sour
       continue
     out[path] = np.asarray(src[path], value.dtype)
   if missing or mismatched:
-    raise ValueError(
+    raise errors.CheckpointContentError(
         f"config.init={source}: the checkpoint does not fit the model "
         f"({len(missing)} missing, {len(mismatched)} with another shape):\n  "
         + "\n  ".join((missing + mismatched)[:40]))

@@ -33,6 +33,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from maskrcnn_jax import errors
+
 
 @flax.struct.dataclass
 class LossScaleState:
@@ -54,11 +56,12 @@ class LossScale:
 
   def __post_init__(self):
     if not self.init_scale > 0:
-      raise ValueError(f"loss scale must be > 0, got {self.init_scale}")
+      raise errors.ConfigError(f"loss scale must be > 0, got {self.init_scale}")
     if self.dynamic and not (self.growth_factor > 1 and 0 < self.backoff_factor < 1
                              and self.growth_interval >= 1):
-      raise ValueError(f"dynamic loss scaling needs growth_factor > 1, 0 < backoff_factor < 1 "
-                       f"and growth_interval >= 1, got {self}")
+      raise errors.ConfigError(
+          f"dynamic loss scaling needs growth_factor > 1, 0 < backoff_factor < 1 "
+          f"and growth_interval >= 1, got {self}")
 
   def init(self) -> LossScaleState:
     return LossScaleState(scale=jnp.asarray(self.init_scale, jnp.float32),
@@ -99,14 +102,17 @@ def from_config(config) -> Optional[LossScale]:
     try:
       value = float(value)
     except ValueError:
-      raise ValueError(f"train.loss_scale must be 'none', 'dynamic', a number or a dict, got "
-                       f"{value!r}") from None
+      raise errors.ConfigError(
+          f"train.loss_scale must be 'none', 'dynamic', a number or a dict, got "
+          f"{value!r}") from None
   if isinstance(value, (int, float)) and not isinstance(value, bool):
     return LossScale(init_scale=float(value), dynamic=False)
   if isinstance(value, dict):
     names = {f.name for f in dataclasses.fields(LossScale)}
     unknown = sorted(set(value) - names)
     if unknown:
-      raise ValueError(f"train.loss_scale: unknown keys {unknown}; allowed: {sorted(names)}")
+      raise errors.ConfigError(
+          f"train.loss_scale: unknown keys {unknown}; allowed: {sorted(names)}")
     return LossScale(**value)
-  raise ValueError(f"train.loss_scale must be 'none', 'dynamic', a number or a dict, got {value!r}")
+  raise errors.ConfigError(
+      f"train.loss_scale must be 'none', 'dynamic', a number or a dict, got {value!r}")

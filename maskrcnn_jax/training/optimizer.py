@@ -54,6 +54,8 @@ import optax
 
 from flax import traverse_util
 
+from maskrcnn_jax import errors
+
 
 # ------------------------------------------------------------------------------------------------
 # Schedules
@@ -87,8 +89,9 @@ class Schedule:
     elif self.decay == "constant":
       lr = peak * jnp.ones_like(t)
     else:
-      raise ValueError(f"unknown schedule.decay {self.decay!r}; expected 'step', 'cosine' or "
-                       "'constant'")
+      raise errors.ConfigError(
+          f"unknown schedule.decay {self.decay!r}; expected 'step', 'cosine' or "
+          "'constant'")
     if self.warmup_steps > 0:
       r = jnp.float32(self.warmup_ratio)
       factor = r + (1 - r) * (t / jnp.float32(self.warmup_steps))
@@ -113,7 +116,7 @@ def _steps_per_epoch(num_images: int, global_batch: int, repeat: int = 1) -> int
   iteration per epoch on COCO; we do not model the groups.
   """
   if num_images <= 0:
-    raise ValueError(f"the training set is empty (num_images={num_images})")
+    raise errors.ConfigError(f"the training set is empty (num_images={num_images})")
   return max(1, math.ceil(repeat * num_images / global_batch))
 
 
@@ -150,7 +153,8 @@ def make_schedule(config: ml_collections.ConfigDict, *, global_batch: int,
     elif num_train_images is not None:
       spe = _steps_per_epoch(num_train_images, global_batch, repeat)
     else:
-      raise ValueError("an epoch schedule needs the number of training images or steps per epoch")
+      raise errors.ConfigError(
+          "an epoch schedule needs the number of training images or steps per epoch")
     total = int(round(float(s.length) * spe))
     boundaries = tuple(int(round(float(e) * spe)) for e in s.steps)
     if s.get("warmup_within_first_epoch", False):
@@ -165,7 +169,7 @@ def make_schedule(config: ml_collections.ConfigDict, *, global_batch: int,
     boundaries = tuple(int(round(float(b) * scale)) for b in s.steps)
     warmup = int(round(warmup * scale))
   else:
-    raise ValueError(f"schedule.unit must be 'epoch' or 'step', got {unit!r}")
+    raise errors.ConfigError(f"schedule.unit must be 'epoch' or 'step', got {unit!r}")
   return Schedule(peak_lr=peak, total_steps=max(total, 1), boundaries=boundaries,
                   gamma=float(s.gamma), warmup_steps=max(warmup, 0),
                   warmup_ratio=float(s.warmup_ratio), decay=s.get("decay", "step"),
@@ -266,7 +270,7 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any,
       if decay:
         parts.append(optax.add_decayed_weights(decay))
     else:
-      raise ValueError(f"unknown optim.name {name!r}; expected 'sgd' or 'adamw'")
+      raise errors.ConfigError(f"unknown optim.name {name!r}; expected 'sgd' or 'adamw'")
     parts.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*parts)
 

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from maskrcnn_jax import errors
+
 logger = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
@@ -51,9 +53,10 @@ def make_mesh(num_devices: int = -1, devices: Optional[list] = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   if num_devices is not None and num_devices > 0:
     if num_devices > len(devices):
-      raise ValueError(f"mesh.data={num_devices} but only {len(devices)} devices are visible")
+      raise errors.ConfigError(
+          f"mesh.data={num_devices} but only {len(devices)} devices are visible")
     if jax.process_count() > 1 and num_devices != len(devices):
-      raise ValueError("multi-process training uses every device (mesh.data = -1)")
+      raise errors.ConfigError("multi-process training uses every device (mesh.data = -1)")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
@@ -70,11 +73,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
   n = mesh.devices.size
   if global_batch % n:
-    raise ValueError(f"train.global_batch={global_batch} is not a multiple of the {n} devices of "
-                     f"the mesh; use a multiple of {n}")
+    raise errors.ConfigError(
+        f"train.global_batch={global_batch} is not a multiple of the {n} devices of "
+        f"the mesh; use a multiple of {n}")
   if global_batch % jax.process_count():
-    raise ValueError(f"train.global_batch={global_batch} is not a multiple of the "
-                     f"{jax.process_count()} processes")
+    raise errors.ConfigError(
+        f"train.global_batch={global_batch} is not a multiple of the "
+        f"{jax.process_count()} processes")
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:

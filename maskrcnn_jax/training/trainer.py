@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 
 from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax import errors
 from maskrcnn_jax.modeling.build import build_model, init_variables, variable_shapes
 from maskrcnn_jax.training import checkpointing, loss_scale as loss_scale_lib
 from maskrcnn_jax.training import metric_writers, optimizer as optimizer_lib
@@ -55,30 +56,9 @@ TRAIN_KEYS = ("image", "image_hw", "gt_boxes", "gt_labels", "gt_valid", "gt_crow
               "gt_masks_bits")
 
 
-class NonFiniteLossError(FloatingPointError):
-  """A training step produced a NaN / Inf loss or gradient."""
-
-
-class _DropInfoFrom(logging.Filter):
-  """Drops INFO-and-below records logged from files under the given package folders."""
-
-  def __init__(self, *folders: str):
-    super().__init__()
-    self.folders = tuple(os.sep + f + os.sep for f in folders)
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno > logging.INFO or not any(f in record.pathname for f in self.folders)
-
-
-def quiet_library_logs() -> None:
-  """Hides orbax's per-save INFO lines (dozens per checkpoint) from the CLI's output."""
-  try:
-    from absl import logging as absl_logging
-    handler = absl_logging.get_absl_handler()
-  except ImportError:
-    return
-  if not any(isinstance(f, _DropInfoFrom) for f in handler.filters):
-    handler.addFilter(_DropInfoFrom("orbax", "etils"))
+class NonFiniteLossError(errors.UserError, FloatingPointError):
+  """A training step produced a NaN / Inf loss or gradient (the train CLI exits with status 3)."""
+  exit_code = 3
 
 
 def _print(msg: str) -> None:
