@@ -5,7 +5,8 @@ here with that recipe's few differences. No inheritance chains: a recipe is one 
 
 Config layout (every field can be overridden on the command line, e.g. --config.model.score_thresh=0.3):
   convention   'mmdet' | 'detectron2' | 'torchvision' (maskrcnn_jax/conventions.py)
-  model        backbone (depth, groups, width_per_group, stride_in_1x1, norm, norm_eps, freeze_at),
+  model        backbone (depth, groups, width_per_group, stride_in_1x1, norm, norm_eps, freeze_at,
+               backbone_init: the upstream ImageNet file training starts from),
                pixel_mean/pixel_std/to_rgb/input_scale, fpn, rpn, roi heads, mask head, maskiou head
   data         test_short/test_max_size, size_divisibility, val/train sources
   optim        optimizer (optim_config), schedule: learning-rate schedule (schedule_config),
@@ -49,7 +50,7 @@ TORCHVISION_RGB01 = dict(pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.2
 def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_group: int = 64,
               style: str = "pytorch", pixel: dict | None = None,
               mask_scoring: bool = False, schedule: str = "1x", multiscale: bool = False,
-              torchvision_v2: bool = False, arch: str = "FPN",
+              torchvision_v2: bool = False, arch: str = "FPN", backbone_init: str = "",
               upstream: str = "") -> ml_collections.ConfigDict:
   """The Mask R-CNN / Mask Scoring R-CNN config shared by all recipes.
 
@@ -65,6 +66,10 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
     arch: 'FPN', or detectron2's 'C4' (Base-RCNN-C4.yaml: Res5ROIHeads, mask head with no convs)
       and 'DC5' (Base-RCNN-DilatedC5.yaml): one stride-16 feature map, all five anchor sizes on
       it, RPN top-k 6000 / 1000 at test time (12000 / 2000 in training, the defaults).
+    backbone_init: the ImageNet-pretrained backbone the upstream recipe starts from, as its config
+      names it (maskrcnn_jax/checkpoints/backbones.py CATALOG, e.g.
+      'detectron2://ImageNetPretrained/MSRA/R-50.pkl', 'torchvision://resnet50'), or a file path;
+      '' trains from scratch.
     upstream: the upstream config name, for the record.
   """
   if style not in ("caffe", "pytorch"):
@@ -92,6 +97,11 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   # from scratch uses the convention's default (1e-5). Overridable: --config.model.norm_eps=0.
   m.norm_eps = ml_collections.config_dict.placeholder(float)
   m.freeze_at = 2
+  # Training starts from this ImageNet file (backbone only; the FPN and heads start fresh) unless
+  # config.init is set (maskrcnn_jax/training/checkpointing.py:read_backbone_init). Nothing is
+  # downloaded: the file is looked up in $MASKRCNN_JAX_PRETRAINED, default
+  # ~/.cache/maskrcnn_jax/pretrained (checkpoints/backbones.py).
+  m.backbone_init = backbone_init
   m.stem_out_channels = 64  # detectron2 RESNETS.STEM_OUT_CHANNELS
   m.res2_out_channels = 256  # detectron2 RESNETS.RES2_OUT_CHANNELS
   pixel = pixel or (CAFFE_BGR if style == "caffe" else PYTORCH_RGB)
@@ -135,8 +145,8 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   m.mask_scoring = mask_scoring
   # RoIAlign: the adaptive grid (sampling_ratio 0) is capped at this many samples per bin axis.
   m.roi_align_max_grid = 16
-  # Training compute dtype: 'float32' or 'bfloat16' (mixed precision, float32 master weights;
-  # maskrcnn_jax/training/train_state.py).
+  # Training compute dtype: 'float32', 'bfloat16' or 'float16' (mixed precision, float32 master
+  # weights; float16 with loss scaling, train.loss_scale; maskrcnn_jax/training/train_state.py).
   m.dtype = "float32"
   # Batched NMS: coordinate-offset trick up to this many boxes per call, exact per-class NMS
   # above; -1 = the convention's rule (conventions.py: torchvision / detectron2 on CPU 1000,
@@ -157,12 +167,16 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   else:  # detectron2 MIN_SIZE_TRAIN (640, 672, ..., 800), one picked per image
     d.train_short, d.train_short_mode = (640, 672, 704, 736, 768, 800), "choice"
   d.train_max_size = 1333
-  d.train_buckets = ()  # () = one bucket of the largest possible size
+  # Training image shapes (H, W), one compiled train step each; () = a landscape and a portrait
+  # bucket of the largest resized size (data/pipeline.py:train_buckets).
+  d.train_buckets = ()
   d.test_buckets = ()
   d.max_instances = 100
   d.gt_mask_size = 112  # instance masks cropped to their box and resized to this (training)
   d.flip_prob = 0.5
   d.train_filter_empty = True
+  # Loader worker processes (grain; 0 = load in the training process). A host feeding 8 GPUs
+  # needs about one per 150 images/s (docs/training.md, "Data loading").
   d.num_workers = 2
   d.val_json = ""
   d.val_images = ""
@@ -172,6 +186,7 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   c.train = train_config()
   c.mesh = ml_collections.ConfigDict(dict(data=-1))
   c.kernels = ml_collections.ConfigDict(dict(roi_align="auto"))
+  c.eval = eval_config()
   # A converted checkpoint directory (python -m maskrcnn_jax.convert) or a zoo file (.pth / .pkl,
   # converted on the fly) to start training from; class-dependent layers are re-initialised when
   # num_classes differs (maskrcnn_jax/training/checkpointing.py:load_init).
@@ -273,12 +288,27 @@ def train_config() -> ml_collections.ConfigDict:
   rpn_batch_per_image / roi_batch_per_image: the samplers' sizes (parity_spec 4.1: 256 and 512).
   rpn_positive_fraction / roi_positive_fraction: their foreground shares (0.5 and 0.25; detectron2
   MODEL.RPN.POSITIVE_FRACTION / MODEL.ROI_HEADS.POSITIVE_FRACTION, mmdet sampler.pos_fraction).
+  loss_scale: 'none' (dynamic for model.dtype float16), 'dynamic' or a static scale such as '512.'
+  (training/loss_scale.py).
   """
   return ml_collections.ConfigDict(dict(
       global_batch=16, num_steps=0, log_every=20, checkpoint_every=5000, keep_checkpoints=3,
       async_checkpoints=True, eval_every=0, final_eval=True, data_seed=-1,
       rpn_batch_per_image=256, roi_batch_per_image=512, rpn_positive_fraction=0.5,
-      roi_positive_fraction=0.25))
+      roi_positive_fraction=0.25, loss_scale="none"))
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """COCO evaluation (maskrcnn_jax/evaluation/evaluator.py; training's evaluations use it too).
+
+  paste: 'device' (masks pasted on the accelerator in tiles around each box, ops/paste_device.py)
+  or 'host' (the 28x28 probabilities pasted by host worker processes, ops/paste.py); bitwise the
+  same masks. scorer: 'auto' (faster-coco-eval when installed, else pycocotools),
+  'faster_coco_eval' or 'pycocotools'. batch_size_per_device / num_workers: training's evaluations
+  (the evaluate CLI has flags).
+  """
+  return ml_collections.ConfigDict(dict(paste="device", scorer="auto", batch_size_per_device=1,
+                                        num_workers=2))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -5,6 +5,10 @@
       --config.data.val_json=coco/annotations/instances_val2017.json \
       --config.data.val_images=coco/val2017
 
+--checkpoint takes a converted checkpoint (python -m maskrcnn_jax.convert: DIR/variables), a
+training workdir (its newest checkpoints/<step>, else its final model/), or one training checkpoint
+WORKDIR/checkpoints/<step> (`resolve_checkpoint`).
+
 The val set is config.data.val_json / val_images (any COCO-format json and its images), or the
 built-in shapes dataset's val split when config.data.builtin is set (or config.data.val_source is
 'builtin'). Runs on every local device; for several hosts start one process per host with
@@ -14,8 +18,10 @@ built-in shapes dataset's val split when config.data.builtin is set (or config.d
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Callable, Dict, Optional
+import sys
+from typing import Any, Callable, Dict, Optional
 
 from absl import app, flags
 import ml_collections
@@ -36,6 +42,77 @@ def resolve_val_set(config: ml_collections.ConfigDict) -> tuple[str, str]:
                      "COCO-format json and its image folder), or config.data.builtin")
   images = data.get("val_images", "") or os.path.dirname(os.path.abspath(data.val_json))
   return data.val_json, images
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """--checkpoint is none of the accepted forms; the message lists what was looked for."""
+
+
+@dataclasses.dataclass
+class ResolvedCheckpoint:
+  """Where a --checkpoint path's variables and config are."""
+  kind: str  # 'converted' | 'train_step'
+  path: str  # the converted checkpoint / model dir, or the checkpoints/<step> dir
+  config_dir: Optional[str]  # the folder whose config.json describes the model (None: none)
+
+  def load_variables(self) -> Any:
+    """{'params', 'batch_stats'} as numpy arrays."""
+    if self.kind == "converted":
+      from maskrcnn_jax.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
+      return orbax_io.load_variables(self.path)
+    from maskrcnn_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+    return checkpointing.load_step_variables(self.path)
+
+
+def _is_converted(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "variables"))
+
+
+def _is_train_step(path: str) -> bool:
+  return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
+      os.path.join(path, "state"))
+
+
+def _latest_step(checkpoints_dir: str) -> Optional[str]:
+  """The newest complete checkpoints/<step> (orbax's temporary folders are not digits)."""
+  if not os.path.isdir(checkpoints_dir):
+    return None
+  steps = [int(n) for n in os.listdir(checkpoints_dir)
+           if n.isdigit() and _is_train_step(os.path.join(checkpoints_dir, n))]
+  return os.path.join(checkpoints_dir, str(max(steps))) if steps else None
+
+
+def resolve_checkpoint(path: str) -> ResolvedCheckpoint:
+  """What a --checkpoint path holds, in this order:
+
+  1. a converted checkpoint or a training run's model/: PATH/variables (config PATH/config.json);
+  2. a training checkpoint: PATH is checkpoints/<step> holding state/ (config ../../config.json);
+  3. a training workdir: its newest PATH/checkpoints/<step>, else PATH/model (config
+     PATH/config.json, the resolved training config);
+  4. a checkpoints/ folder: its newest <step> (config ../config.json).
+
+  Raises:
+    CheckpointNotFoundError: none of these, with one line listing what was looked for.
+  """
+  path = os.path.abspath(path)
+  if _is_converted(path):
+    return ResolvedCheckpoint("converted", path, path)
+  if _is_train_step(path):
+    return ResolvedCheckpoint("train_step", path, os.path.dirname(os.path.dirname(path)))
+  step = _latest_step(os.path.join(path, "checkpoints"))
+  if step is not None:
+    return ResolvedCheckpoint("train_step", step, path)
+  if _is_converted(os.path.join(path, "model")):
+    return ResolvedCheckpoint("converted", os.path.join(path, "model"), os.path.join(path, "model"))
+  step = _latest_step(path)
+  if step is not None:
+    return ResolvedCheckpoint("train_step", step, os.path.dirname(path))
+  what = "does not exist" if not os.path.exists(path) else "holds none of them"
+  raise CheckpointNotFoundError(
+      f"--checkpoint {path} {what}; looked for a converted checkpoint (PATH/variables), a "
+      "training checkpoint (PATH = WORKDIR/checkpoints/<step> with state/), a training workdir "
+      "(PATH/checkpoints/<step>/state or PATH/model/variables) and a checkpoints folder "
+      "(PATH/<step>/state)")
 
 
 def adopt_checkpoint_classes(config: ml_collections.ConfigDict, checkpoint: str,
@@ -65,7 +142,8 @@ def adopt_checkpoint_classes(config: ml_collections.ConfigDict, checkpoint: str,
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
                         workdir: Optional[str] = None, **kwargs) -> Dict[str, Dict[str, float]]:
-  """Loads DIR/variables (orbax, `checkpoints.orbax_io`) and runs `evaluator.evaluate`.
+  """Loads the checkpoint (`resolve_checkpoint`: converted, training workdir or step) and runs
+  `evaluator.evaluate`.
 
   kwargs go to `evaluator.evaluate` (batch_size_per_device, num_workers, per_class, ...).
   """
@@ -73,12 +151,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
   from maskrcnn_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   log = kwargs.get("log", evaluator._default_log)  # pylint: disable=protected-access
   annotation_file, image_dir = resolve_val_set(config)
-  adopt_checkpoint_classes(config, checkpoint, log)
-  # The constants the checkpoint decided (BatchNorm eps), recorded by the converter / trainer.
-  config, notes = provenance.decide(config, recorded=orbax_io.load_saved_config(checkpoint))
-  for note in notes:
-    log(note)
-  variables = orbax_io.load_variables(checkpoint)
+  found = resolve_checkpoint(checkpoint)
+  kind = "training checkpoint" if found.kind == "train_step" else "converted"
+  log(f"checkpoint: {found.path} ({kind})")
+  if found.config_dir:
+    adopt_checkpoint_classes(config, found.config_dir, log)
+    # The constants the checkpoint decided (BatchNorm eps), recorded by the converter / trainer.
+    config, notes = provenance.decide(config,
+                                      recorded=orbax_io.load_saved_config(found.config_dir))
+    for note in notes:
+      log(note)
+  variables = found.load_variables()
   return evaluator.evaluate(config, variables, annotation_file=annotation_file,
                             image_dir=image_dir, workdir=workdir, **kwargs)
 
@@ -86,10 +169,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str,
 def main():
   # Flags are defined here, not at import, so that the CLIs can be imported side by side.
   config = config_flags.DEFINE_config_file("config", None, "Recipe config file.", lock_config=True)
-  checkpoint = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory.")
+  checkpoint = flags.DEFINE_string(
+      "checkpoint", None, "A converted checkpoint directory, a training workdir (its newest "
+      "checkpoints/<step>, else model/) or a training checkpoint WORKDIR/checkpoints/<step>.")
   workdir = flags.DEFINE_string(
       "workdir", None, "Output directory for predictions.json and metrics.json "
       "(default: <checkpoint>/eval).")
+  paste = flags.DEFINE_enum("paste", None, ["device", "host"], "Where masks are pasted (default "
+                            "config.eval.paste: device).")
+  scorer = flags.DEFINE_enum("scorer", None, ["auto", "faster_coco_eval", "pycocotools"],
+                             "COCOeval implementation (default config.eval.scorer: auto).")
   batch = flags.DEFINE_integer("batch_size_per_device", 1, "Images per device per step.")
   workers = flags.DEFINE_integer("num_workers", 2, "Mask paste / RLE / COCOeval worker processes "
                                  "(0: in the main process).")
@@ -118,11 +207,19 @@ def main():
     if cache.value:
       jax.config.update("jax_compilation_cache_dir", cache.value)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # Bad input: one line on stderr, exit status 2 (no traceback).
+    try:
+      resolve_val_set(config.value)
+      resolve_checkpoint(checkpoint.value)
+    except (ValueError, CheckpointNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
     out = workdir.value or os.path.join(checkpoint.value, "eval")
     evaluate_checkpoint(
         config.value, checkpoint.value, out, batch_size_per_device=batch.value,
         num_workers=workers.value, num_loader_threads=threads.value,
-        pad_multiple=pad_multiple.value, per_class=per_class.value, max_images=max_images.value)
+        pad_multiple=pad_multiple.value, per_class=per_class.value, max_images=max_images.value,
+        paste=paste.value, scorer=scorer.value)
 
   app.run(run)
 

@@ -5,8 +5,10 @@
       --workdir runs/r50_1x --config.data.train_json=... --config.train.global_batch=16
 
 Every config field can be overridden on the command line (--config.optim.base_lr=0.01). Running
-the same command again resumes from the newest checkpoint in the workdir. Multi-host: start the
-same command on every host (the coordinator is read from the cluster environment, or pass
+the same command again resumes from the newest checkpoint in the workdir. A recipe starts from its
+upstream ImageNet backbone (config.model.backbone_init; download the file first: docs/training.md,
+"Training a zoo recipe on COCO"; a missing file exits with status 2). Multi-host: start the same
+command on every host (the coordinator is read from the cluster environment, or pass
 --distributed to force jax.distributed.initialize()). See maskrcnn_jax/training/trainer.py for
 what the workdir holds.
 """
@@ -31,11 +33,15 @@ def main():
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from maskrcnn_jax.checkpoints.backbones import BackboneInitError
     from maskrcnn_jax.training import sharding, trainer
     trainer.quiet_library_logs()
     sharding.initialize_distributed(force=distributed.value)
     try:
       trainer.train_and_evaluate(config.value, workdir.value, stop_after=stop_after.value)
+    except BackboneInitError as e:  # the recipe's ImageNet file: missing, or not the config's
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
     except trainer.NonFiniteLossError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(3)

@@ -1,7 +1,24 @@
-"""Whole-evaluation speed: images/s of inference + mask paste + RLE + COCOeval, and the host share.
+"""Evaluation speed. Two modes:
 
-  python scripts/benchmark_eval.py [--num_images 4] [--batch_size_per_device 1] [--num_workers 2]
-      [--recipe mmdet/mask_rcnn_r50_fpn_1x_coco] [--json OUT.json]
+  python scripts/benchmark_eval.py [--num-images 5000] [--dets 100] [--batch 8] [--json OUT.json]
+
+(`--mode val_scale`, the default) times the host-side stages of a COCO-val-scale evaluation without
+a model: a synthetic 5,000-image set (evaluation/synthetic.py: COCO photo sizes, ~7.3 instances per
+image, COCO's object sizes, crowd regions) with 100 detections per image and soft 28x28 masks.
+Each stage is timed on its own, in this one process:
+  * paste on the host (ops/paste.py, what the host workers do) vs on the device (ops/paste_device.py
+    on `--batch` images at a time, plan + device + transfer of the tiles);
+  * RLE (host.window_rle) of the host-pasted windows, and unpacking + RLE of the device tiles; the
+    two give identical RLE strings (checked for every detection);
+  * the result dicts (coco_format.detections_to_coco);
+  * scoring, bbox + segm: pycocotools vs faster-coco-eval (identical statistics checked).
+Per-core rates and the projection to a whole val evaluation on 8 accelerators + 16 host cores are
+printed. `--num-images` measures a fraction of the set.
+
+  python scripts/benchmark_eval.py --mode model [--num_images 4] [--batch_size_per_device 1]
+      [--num_workers 2] [--recipe mmdet/mask_rcnn_r50_fpn_1x_coco] [--json OUT.json]
+
+times the whole evaluation with a model, as follows.
 
 Model: the recipe's R-50-FPN with deterministic seeded weights (`checkpoints.synthetic` on the key
 list in tests/fixtures/checkpoint_keys, converted by the real converter's `convert_state_dict`),
@@ -69,8 +86,9 @@ def seeded_variables(config, recipe: str, seed: int = 0):
   return variables
 
 
-def make_dataset(root: str, num_images: int, seed: int = 0):
-  """PNG photographs at 480x640 + a COCO json with 7 instances each; returns (json, image dir)."""
+def make_dataset(root: str, num_images: int, seed: int = 0, size=(480, 640)):
+  """PNG photographs at `size` (480x640) + a COCO json with 7 instances each; returns (json,
+  image dir)."""
   import cv2
   import skimage.data
   from maskrcnn_jax import config_lib
@@ -82,15 +100,15 @@ def make_dataset(root: str, num_images: int, seed: int = 0):
   images, anns = [], []
   for i in range(num_images):
     rgb = photos[i % len(photos)][..., :3]
-    rgb = cv2.resize(np.ascontiguousarray(rgb), (640, 480), interpolation=cv2.INTER_LINEAR)
+    rgb = cv2.resize(np.ascontiguousarray(rgb), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     if (i // len(photos)) % 2:
       rgb = rgb[:, ::-1]
     name = f"{i:06d}.png"
     cv2.imwrite(os.path.join(img_dir, name), np.ascontiguousarray(rgb[..., ::-1]))
-    images.append({"id": i + 1, "file_name": name, "height": 480, "width": 640})
+    images.append({"id": i + 1, "file_name": name, "height": size[0], "width": size[1]})
     for _ in range(7):
-      w, h = rng.uniform(20, 300), rng.uniform(20, 300)
-      x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
+      w, h = rng.uniform(0.04, 0.47) * size[1], rng.uniform(0.04, 0.62) * size[0]
+      x, y = rng.uniform(0, size[1] - w), rng.uniform(0, size[0] - h)
       poly = [x, y, x + w, y, x + w, y + h, x, y + h]
       anns.append({"id": len(anns) + 1, "image_id": i + 1,
                    "category_id": int(rng.choice(config_lib.COCO_CATEGORY_IDS[:10])),
@@ -136,58 +154,179 @@ def device_only_seconds(config, variables, images, batch_size_per_device, repeat
   return float(np.median(times)), gb, valid
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--recipe", default="mmdet/mask_rcnn_r50_fpn_1x_coco", choices=sorted(KEYS))
-  parser.add_argument("--num_images", type=int, default=4)
-  parser.add_argument("--batch_size_per_device", type=int, default=1)
-  parser.add_argument("--num_workers", type=int, default=2)
-  parser.add_argument("--num_loader_threads", type=int, default=4)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--json", default="", help="also write the figures here")
-  args = parser.parse_args()
+def val_scale(args):
+  """The host-side stages at val scale (module docstring, first mode)."""
+  import jax
+  from maskrcnn_jax import config_lib, conventions
+  from maskrcnn_jax.evaluation import coco_eval, coco_format, host, synthetic
+  from maskrcnn_jax.ops import paste_device, paste_plan
 
+  n_img, n_det = args.num_images or 5000, args.dets
+  conv = conventions.get(args.convention)
+  table = np.asarray(config_lib.COCO_CATEGORY_IDS)
+  device = jax.devices()[0]
+  print(f"val scale: {n_img} images x {n_det} detections, convention {conv.name} "
+        f"({conv.paste}); device {device.device_kind} ({jax.default_backend()}); "
+        f"host cpus {os.cpu_count()}; jax {jax.__version__}", flush=True)
+  t0 = time.perf_counter()
+  gt_dict = synthetic.make_ground_truth(n_img, seed=args.seed)
+  print(f"ground truth: {len(gt_dict['annotations'])} instances "
+        f"({sum(a['iscrowd'] for a in gt_dict['annotations'])} crowd), "
+        f"{time.perf_counter() - t0:.1f} s", flush=True)
+  t = dict(paste_host=0.0, paste_device=0.0, rle=0.0, unpack_rle=0.0, entries=0.0)
+  results, n_dets, tile_bytes, windows_px, compile_s = [], 0, 0, 0, None
+  jobs = []
+
+  def run_batch(jobs):
+    nonlocal n_dets, tile_bytes, windows_px, compile_s
+    # Device: one plan and dispatch for the batch, as the evaluator does per device.
+    probs = np.stack([j["mask_probs"] for j in jobs])
+    boxes = np.stack([j["paste_boxes"] for j in jobs])
+    hws = np.concatenate([np.tile(j["orig_hw"], (n_det, 1)) for j in jobs])
+    s0 = time.perf_counter()
+    plan = paste_plan.plan_tiles(np.arange(len(hws)), boxes.reshape(-1, 4), hws,
+                                 method=conv.paste, mask_size=probs.shape[-1])
+    chunks = paste_device.dispatch(plan, jax.device_put(probs, device),
+                                   jax.device_put(boxes, device), method=conv.paste,
+                                   inclusive=conv.mask_threshold_inclusive,
+                                   chunk_tiles=args.chunk_tiles, device=device)
+    tiles = paste_device.gather_packed(plan, chunks)
+    dt = time.perf_counter() - s0
+    if compile_s is None:
+      compile_s = dt  # the first batch compiles; timed again below
+      s0 = time.perf_counter()
+      tiles = paste_device.gather_packed(plan, paste_device.dispatch(
+          plan, jax.device_put(probs, device), jax.device_put(boxes, device), method=conv.paste,
+          inclusive=conv.mask_threshold_inclusive, chunk_tiles=args.chunk_tiles, device=device))
+      dt = time.perf_counter() - s0
+    t["paste_device"] += dt
+    tile_bytes += tiles.nbytes
+    windows_px += int(np.prod(plan.windows[:, 2:], axis=1).sum())
+    for k, job in enumerate(jobs):
+      hw = job["orig_hw"]
+      s0 = time.perf_counter()
+      host_windows = [host.paste_window(p, b, hw, conv)
+                      for p, b in zip(job["mask_probs"], job["paste_boxes"])]
+      t["paste_host"] += time.perf_counter() - s0
+      s0 = time.perf_counter()
+      rles = [host.window_rle(w, y0, x0, hw) for y0, x0, w in host_windows]
+      t["rle"] += time.perf_counter() - s0
+      s0 = time.perf_counter()
+      lo = k * n_det
+      dev_rles = []
+      for i in range(lo, lo + n_det):
+        win = paste_plan.unpack_window(tiles[plan.first[i]:plan.first[i + 1]], plan.grid[i],
+                                       plan.windows[i, 2:])
+        dev_rles.append(host.window_rle(win, int(plan.windows[i, 0]), int(plan.windows[i, 1]),
+                                        hw))
+      t["unpack_rle"] += time.perf_counter() - s0
+      if dev_rles != rles:
+        raise AssertionError(f"image {job['image_id']}: device and host masks differ")
+      s0 = time.perf_counter()
+      entries = coco_format.detections_to_coco(job["image_id"], job["boxes"], job["scores"],
+                                               job["labels"], None, category_ids=table)
+      for e, r in zip(entries, dev_rles):
+        e["segmentation"] = r
+      t["entries"] += time.perf_counter() - s0
+      results.extend(entries)
+      n_dets += len(entries)
+
+  t_start = time.perf_counter()
+  for job in synthetic.iter_detections(gt_dict, dets_per_image=n_det, seed=args.seed):
+    jobs.append(job)
+    if len(jobs) == args.batch:
+      run_batch(jobs)
+      jobs = []
+    done = len(results) // n_det
+    if done and done % 500 == 0 and not jobs:
+      print(f"  {done}/{n_img} images ({time.perf_counter() - t_start:.0f} s)", flush=True)
+  if jobs:
+    run_batch(jobs)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    ann = os.path.join(tmp, "val.json")
+    with open(ann, "w") as f:
+      json.dump(gt_dict, f)
+    gt = coco_eval.load_ground_truth(ann)
+    scores = {}
+    for scorer in ("pycocotools", "faster_coco_eval"):
+      s0 = time.perf_counter()
+      scores[scorer] = coco_eval.evaluate_results(gt, results, log=None, scorer=scorer)
+      t["score_" + scorer] = time.perf_counter() - s0
+      print(f"scoring ({scorer}): {t['score_' + scorer]:.1f} s", flush=True)
+  ref, fast = scores["pycocotools"], scores["faster_coco_eval"]
+  same = all(abs(ref[k][m] - fast[k][m]) <= 1e-10 or (np.isnan(ref[k][m]) and np.isnan(fast[k][m]))
+             for k in ref for m in ref[k])
+
+  per_det = {k: v / n_dets * 1e3 for k, v in t.items() if not k.startswith("score")}
+  print(f"\n{n_img} images, {n_dets} detections; device paste compile (first batch) "
+        f"{compile_s:.1f} s; tiles moved {tile_bytes / n_dets:.0f} B/detection "
+        f"(window {windows_px / n_dets:.0f} px/detection)")
+  print("stage                          total s   ms/detection (1 core)")
+  for k, label in (("paste_host", "paste, host (ops/paste.py)"),
+                   ("paste_device", f"paste, device ({jax.default_backend()})"),
+                   ("rle", "RLE of host windows"), ("unpack_rle", "unpack tiles + RLE"),
+                   ("entries", "result dicts")):
+    print(f"{label:<30} {t[k]:8.1f}   {per_det[k]:.3f}")
+  for scorer in ("pycocotools", "faster_coco_eval"):
+    print(f"{'scoring, ' + scorer:<30} {t['score_' + scorer]:8.1f}   "
+          f"({t['score_' + scorer] / n_img * 1e3:.1f} ms/image)")
+  print(f"identical statistics from both scorers: {same}; segm AP "
+        f"{scores['faster_coco_eval']['segm']['AP']:.2f}, bbox AP "
+        f"{scores['faster_coco_eval']['bbox']['AP']:.2f}")
+  host_per_image = (t["unpack_rle"] + t["entries"]) / n_img
+  full = 5000
+  print(f"\nprojection to {full} images x {n_det} detections: host work after a device paste "
+        f"(unpack + RLE + result dicts) {host_per_image * full:.0f} core-s = "
+        f"{host_per_image * full / 16:.1f} s on 16 cores; with the host paste "
+        f"{(t['paste_host'] + t['rle'] + t['entries']) / n_img * full / 16:.1f} s on 16 cores; "
+        f"scoring {t['score_faster_coco_eval'] / n_img * full:.0f} s (faster-coco-eval) / "
+        f"{t['score_pycocotools'] / n_img * full:.0f} s (pycocotools) at this machine's speed, "
+        "if linear in the image count")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(images=n_img, detections=n_dets, seconds=t, ms_per_detection=per_det,
+                     compile_s=compile_s, tile_bytes=tile_bytes, identical_scores=bool(same),
+                     metrics=scores["faster_coco_eval"]), f, indent=2)
+
+
+def measure_eval(config, variables, *, num_images, batch_size_per_device=1, num_workers=2,
+                 num_loader_threads=4, repeats=3, image_size=(480, 640), log=print):
+  """Times a whole evaluation (inference + paste + RLE + COCOeval) of `num_images` generated
+  images; returns (figures dict, results, host stats). See the module docstring."""
   import concurrent.futures
   import multiprocessing
   import jax
-  from maskrcnn_jax import config_lib
   from maskrcnn_jax.evaluation import coco_eval, evaluator
 
-  config = config_lib.load_config_file(str(ROOT / "configs" / f"{args.recipe}.py"))
-  device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
-  print(f"device: {device}; jax {jax.__version__}; host cpus: {os.cpu_count()}", flush=True)
-  t0 = time.perf_counter()
-  variables = seeded_variables(config, args.recipe)
-  print(f"seeded + converted weights: {time.perf_counter() - t0:.1f} s", flush=True)
-
   with tempfile.TemporaryDirectory() as tmp:
-    ann_file, img_dir = make_dataset(tmp, args.num_images)
+    ann_file, img_dir = make_dataset(tmp, num_images, size=image_size)
     gt, images, table = evaluator.load_val_set(config, ann_file, img_dir)
     quiet = lambda m: None  # noqa: E731
     pool = None
-    if args.num_workers > 0:
+    if num_workers > 0:
       pool = concurrent.futures.ProcessPoolExecutor(
-          args.num_workers, mp_context=multiprocessing.get_context("spawn"))
-    kw = dict(batch_size_per_device=args.batch_size_per_device, num_workers=args.num_workers,
-              num_loader_threads=args.num_loader_threads, executor=pool, log=quiet)
-    gb = args.batch_size_per_device * jax.device_count()
+          num_workers, mp_context=multiprocessing.get_context("spawn"))
+    kw = dict(batch_size_per_device=batch_size_per_device, num_workers=num_workers,
+              num_loader_threads=num_loader_threads, executor=pool, log=quiet)
+    gb = batch_size_per_device * jax.device_count()
 
     t0 = time.perf_counter()
     evaluator.run_inference(config, variables, images[:gb], table, **kw)
     t_compile = time.perf_counter() - t0
-    print(f"first batch (compile + warm-up of the pool): {t_compile:.1f} s", flush=True)
+    log(f"first batch (compile + warm-up of the pool): {t_compile:.1f} s")
 
-    t_dev, gb, valid = device_only_seconds(config, variables, images, args.batch_size_per_device,
-                                           args.repeats)
+    t_dev, gb, valid = device_only_seconds(config, variables, images, batch_size_per_device,
+                                           repeats)
     num_batches = -(-len(images) // gb)
-    print(f"device only: {t_dev * 1e3:.1f} ms per batch of {gb} "
-          f"({gb / t_dev:.2f} img/s); detections per image {valid.tolist()}", flush=True)
+    log(f"device only: {t_dev * 1e3:.1f} ms per batch of {gb} "
+        f"({gb / t_dev:.2f} img/s); detections per image {valid.tolist()}")
 
     t0 = time.perf_counter()
     results, stats = evaluator.run_inference(config, variables, images, table, **kw)
     t_inf = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics = coco_eval.evaluate_results(gt, results, executor=pool if args.num_workers > 1
+    metrics = coco_eval.evaluate_results(gt, results, executor=pool if num_workers > 1
                                          else None, log=quiet)
     t_coco = time.perf_counter() - t0
     if pool is not None:
@@ -197,8 +336,8 @@ def main():
   total = t_inf + t_coco
   device_total = t_dev * num_batches
   figures = dict(
-      device=device, recipe=args.recipe, images=n, batch_size_per_device=args.batch_size_per_device,
-      num_workers=args.num_workers, detections=len(results), compile_s=t_compile,
+      images=n, batch_size_per_device=batch_size_per_device,
+      num_workers=num_workers, detections=len(results), compile_s=t_compile,
       device_only_s=device_total, inference_wall_s=t_inf, cocoeval_s=t_coco, total_s=total,
       images_per_s=n / total, inference_images_per_s=n / t_inf,
       device_only_images_per_s=n / device_total,
@@ -206,6 +345,49 @@ def main():
       load_cpu_s=stats.load_cpu, paste_encode_cpu_s=stats.paste_cpu,
       wait_load_s=stats.wait_load, wait_device_s=stats.wait_device, wait_paste_s=stats.wait_paste,
       bbox_AP=metrics["bbox"]["AP"], segm_AP=metrics["segm"]["AP"])
+  return figures, results, stats
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--mode", default="val_scale", choices=("val_scale", "model"))
+  parser.add_argument("--recipe", default="mmdet/mask_rcnn_r50_fpn_1x_coco", choices=sorted(KEYS))
+  parser.add_argument("--num_images", "--num-images", type=int, default=None,
+                      help="val_scale: 5000 (COCO val); model: 4")
+  parser.add_argument("--dets", type=int, default=100, help="val_scale: detections per image")
+  parser.add_argument("--batch", type=int, default=8, help="val_scale: images per device paste")
+  parser.add_argument("--chunk_tiles", type=int, default=4096)
+  parser.add_argument("--convention", default="detectron2",
+                      choices=("mmdet", "detectron2", "torchvision"))
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--batch_size_per_device", type=int, default=1)
+  parser.add_argument("--num_workers", type=int, default=2)
+  parser.add_argument("--num_loader_threads", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--json", default="", help="also write the figures here")
+  args = parser.parse_args()
+  if args.mode == "val_scale":
+    val_scale(args)
+    return
+  args.num_images = args.num_images or 4
+
+  import jax
+  from maskrcnn_jax import config_lib
+
+  config = config_lib.load_config_file(str(ROOT / "configs" / f"{args.recipe}.py"))
+  device = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
+  print(f"device: {device}; jax {jax.__version__}; host cpus: {os.cpu_count()}", flush=True)
+  t0 = time.perf_counter()
+  variables = seeded_variables(config, args.recipe)
+  print(f"seeded + converted weights: {time.perf_counter() - t0:.1f} s", flush=True)
+
+  figures, results, stats = measure_eval(
+      config, variables, num_images=args.num_images,
+      batch_size_per_device=args.batch_size_per_device, num_workers=args.num_workers,
+      num_loader_threads=args.num_loader_threads, repeats=args.repeats)
+  figures.update(device=device, recipe=args.recipe)
+  n, t_inf, t_coco = figures["images"], figures["inference_wall_s"], figures["cocoeval_s"]
+  total, device_total = figures["total_s"], figures["device_only_s"]
   print(f"\n{n} images, {len(results)} detections ({len(results) / n:.0f} per image)")
   print(f"whole evaluation: {total:.2f} s = {n / total:.2f} img/s "
         f"(inference + paste + RLE {t_inf:.2f} s = {n / t_inf:.2f} img/s, COCOeval {t_coco:.2f} s)")

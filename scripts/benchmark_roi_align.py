@@ -172,7 +172,7 @@ def run_model(args, impls, out_rows):
   import pallas_kernels.roi_align as roi_align_lib
   from maskrcnn_jax import config_lib
   from maskrcnn_jax.modeling.build import build_model, init_variables
-  from maskrcnn_jax.training import optimizer, sharding, train_state
+  from maskrcnn_jax.training import optimizer, sharding, train_state, trainer
   sys.path.insert(0, str(ROOT / "scripts"))
   try:
     from benchmark_train import synthetic_batch
@@ -205,7 +205,8 @@ def run_model(args, impls, out_rows):
       tx = optimizer.build_optimizer(config, tvars["params"], schedule)
       state = train_state.place_state(
           train_state.create_train_state(tvars, tx, jax.random.PRNGKey(1)), mesh)
-      step = train_state.make_train_step(tmodel, tx, schedule, mesh, state, donate=False)
+      step = train_state.make_train_step(tmodel, tx, schedule, mesh, state, donate=False,
+                                         prepare_batch=trainer.prepare_batch_fn(config))
       batch = sharding.shard_batch(synthetic_batch(config, args.train_batch, hw, 7), mesh)
       t_train, c_train = median_time(lambda s, b: step(s, b)[1]["loss"], (state, batch),
                                      max(3, args.reps // 4))

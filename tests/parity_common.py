@@ -546,3 +546,36 @@ def write_torch_zip(path: Path, state: dict) -> None:
     for name, data in records.items():
       zf.writestr(f"{root}/{name}", data)
     zf.writestr(f"{root}/version", "3\n")
+
+
+def torch_positions(config, state, variables, names, source: str) -> dict:
+  """Where the entries of some reference tensors land in our converted parameters.
+
+  Converts `state` with the tensors `names` replaced by codes (tensor k's flat entry j -> the
+  float k * 2**20 + j, exact in float32) and compares with `variables`, the plain conversion
+  (`converted(config, state, source)`), so every layout change of the name map (transposes,
+  flips, permutations) is followed as it is.
+
+  Returns {name: (path, index)}: path is the tuple of keys of our parameter under 'params', index
+  an int64 array of that parameter's shape holding, per entry, the reference's flat index.
+  """
+  probe = dict(state)
+  for k, name in enumerate(names):
+    n = int(np.prod(state[name].shape))
+    assert n < 2 ** 20 and len(names) * 2 ** 20 < 2 ** 24, (name, n)
+    probe[name] = (k * 2 ** 20 + np.arange(n, dtype=np.float64)).astype(
+        np.float32).reshape(state[name].shape)
+  _, coded = converted(config, probe, source)
+  flat_plain = dict(jax.tree_util.tree_flatten_with_path(variables["params"])[0])
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(coded["params"])[0]:
+    leaf = np.asarray(leaf)
+    if np.array_equal(leaf, np.asarray(flat_plain[path])):
+      continue
+    code = leaf.astype(np.int64)
+    k = int(code.reshape(-1)[0]) >> 20
+    assert np.all(code >> 20 == k), f"{path}: mixes several reference tensors"
+    out[names[k]] = (tuple(p.key for p in path), code - (k << 20))
+  missing = sorted(set(names) - set(out))
+  assert not missing, f"no converted parameter holds {missing}"
+  return out

@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="detectron2", depth=101, style="caffe", pixel=config_lib.CAFFE_BGR, schedule="3x",
-      multiscale=True, upstream="COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x")
+      multiscale=True,
+      backbone_init="detectron2://ImageNetPretrained/MSRA/R-101.pkl",
+      upstream="COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x")
   config.data.train_short = (640, 672, 704, 736, 768, 800)  # INPUT.MIN_SIZE_TRAIN
   config.published = config_lib.published(
       box_ap=42.9, mask_ap=38.6,

@@ -19,6 +19,7 @@ def get_config():
   config = config_lib.mask_rcnn(
       convention="detectron2", depth=50, style="caffe", pixel=config_lib.CAFFE_BGR,
       schedule="1x", multiscale=True, arch="DC5",
+      backbone_init="detectron2://ImageNetPretrained/MSRA/R-50.pkl",
       upstream="COCO-InstanceSegmentation/mask_rcnn_R_50_DC5_1x")
   config.data.train_short = (640, 672, 704, 736, 768, 800)  # INPUT.MIN_SIZE_TRAIN
   config.published = config_lib.published(

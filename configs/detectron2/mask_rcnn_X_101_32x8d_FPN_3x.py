@@ -17,6 +17,7 @@ def get_config():
   config = config_lib.mask_rcnn(
       convention="detectron2", depth=101, groups=32, width_per_group=8, style="pytorch",
       pixel=config_lib.D2_FAIR_BGR, schedule="3x", multiscale=True,
+      backbone_init="detectron2://ImageNetPretrained/FAIR/X-101-32x8d.pkl",
       upstream="COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x")
   config.data.train_short = (640, 672, 704, 736, 768, 800)  # INPUT.MIN_SIZE_TRAIN
   config.published = config_lib.published(

@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, style="caffe", pixel=config_lib.CAFFE_BGR, schedule="3x",
-      multiscale=True, upstream="mask_rcnn_r101_caffe_fpn_mstrain-poly_3x_coco")
+      multiscale=True,
+      backbone_init="open-mmlab://detectron2/resnet101_caffe",
+      upstream="mask_rcnn_r101_caffe_fpn_mstrain-poly_3x_coco")
   config.published = config_lib.published(
       box_ap=42.9, mask_ap=38.5,
       url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_r101_caffe_fpn_mstrain-poly_3x_coco/mask_rcnn_r101_caffe_fpn_mstrain-poly_3x_coco_20210526_132339-3c33ce02.pth")  # noqa: E501

@@ -12,6 +12,7 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, style="pytorch", pixel=config_lib.PYTORCH_RGB, schedule="1x",
+      backbone_init="torchvision://resnet101",
       upstream="mask_rcnn_r101_fpn_1x_coco")
   config.published = config_lib.published(
       box_ap=40.0, mask_ap=36.1,

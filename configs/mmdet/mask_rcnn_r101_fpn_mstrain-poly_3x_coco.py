@@ -13,7 +13,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, style="pytorch", pixel=config_lib.PYTORCH_RGB, schedule="3x",
-      multiscale=True, upstream="mask_rcnn_r101_fpn_mstrain-poly_3x_coco")
+      multiscale=True,
+      backbone_init="torchvision://resnet101",
+      upstream="mask_rcnn_r101_fpn_mstrain-poly_3x_coco")
   config.published = config_lib.published(
       box_ap=42.7, mask_ap=38.5,
       url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_r101_fpn_mstrain-poly_3x_coco/mask_rcnn_r101_fpn_mstrain-poly_3x_coco_20210524_200244-5675c317.pth")  # noqa: E501

@@ -13,6 +13,7 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=50, style="caffe", pixel=config_lib.CAFFE_BGR, schedule="1x",
+      backbone_init="open-mmlab://detectron2/resnet50_caffe",
       upstream="mask_rcnn_r50_caffe_fpn_1x_coco")
   config.published = config_lib.published(
       box_ap=38.0, mask_ap=34.4,

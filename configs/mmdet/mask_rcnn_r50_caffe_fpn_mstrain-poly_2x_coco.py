@@ -13,7 +13,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=50, style="caffe", pixel=config_lib.CAFFE_BGR, schedule="2x",
-      multiscale=True, upstream="mask_rcnn_r50_caffe_fpn_mstrain-poly_2x_coco")
+      multiscale=True,
+      backbone_init="open-mmlab://detectron2/resnet50_caffe",
+      upstream="mask_rcnn_r50_caffe_fpn_mstrain-poly_2x_coco")
   config.data.train_short = (640, 672, 704, 736, 768, 800)  # multiscale_mode='value'
   config.data.train_short_mode = "choice"
   config.published = config_lib.published(

@@ -13,6 +13,7 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=50, style="pytorch", pixel=config_lib.PYTORCH_RGB, schedule="1x",
+      backbone_init="torchvision://resnet50",
       upstream="mask_rcnn_r50_fpn_1x_coco")
   config.published = config_lib.published(
       box_ap=38.2, mask_ap=34.7,

@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=50, style="pytorch", pixel=config_lib.PYTORCH_RGB, schedule="3x",
-      multiscale=True, upstream="mask_rcnn_r50_fpn_mstrain-poly_3x_coco")
+      multiscale=True,
+      backbone_init="torchvision://resnet50",
+      upstream="mask_rcnn_r50_fpn_mstrain-poly_3x_coco")
   config.published = config_lib.published(
       box_ap=40.9, mask_ap=37.1,
       url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_r50_fpn_mstrain-poly_3x_coco/mask_rcnn_r50_fpn_mstrain-poly_3x_coco_20210524_201154-21b550bb.pth")  # noqa: E501

@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, groups=32, width_per_group=4, style="pytorch",
-      pixel=config_lib.PYTORCH_RGB, schedule="1x", upstream="mask_rcnn_x101_32x4d_fpn_1x_coco")
+      pixel=config_lib.PYTORCH_RGB, schedule="1x",
+      backbone_init="open-mmlab://resnext101_32x4d",
+      upstream="mask_rcnn_x101_32x4d_fpn_1x_coco")
   config.published = config_lib.published(
       box_ap=41.9, mask_ap=37.5,
       url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_x101_32x4d_fpn_1x_coco/mask_rcnn_x101_32x4d_fpn_1x_coco_20200205-478d0b67.pth")  # noqa: E501

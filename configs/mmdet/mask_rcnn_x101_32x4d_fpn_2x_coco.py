@@ -12,7 +12,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, groups=32, width_per_group=4, style="pytorch",
-      pixel=config_lib.PYTORCH_RGB, schedule="2x", upstream="mask_rcnn_x101_32x4d_fpn_2x_coco")
+      pixel=config_lib.PYTORCH_RGB, schedule="2x",
+      backbone_init="open-mmlab://resnext101_32x4d",
+      upstream="mask_rcnn_x101_32x4d_fpn_2x_coco")
   config.published = config_lib.published(
       box_ap=42.2, mask_ap=37.8,
       url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_x101_32x4d_fpn_2x_coco/mask_rcnn_x101_32x4d_fpn_2x_coco_bbox_mAP-0.422__segm_mAP-0.378_20200506_004702-faef898c.pth")  # noqa: E501

@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, groups=32, width_per_group=8, style="pytorch",
-      pixel=config_lib.D2_FAIR_BGR, schedule="1x", upstream="mask_rcnn_x101_32x8d_fpn_1x_coco")
+      pixel=config_lib.D2_FAIR_BGR, schedule="1x",
+      backbone_init="open-mmlab://detectron2/resnext101_32x8d",
+      upstream="mask_rcnn_x101_32x8d_fpn_1x_coco")
   config.published = config_lib.published(
       box_ap=42.8, mask_ap=38.3,
       url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_x101_32x8d_fpn_1x_coco/mask_rcnn_x101_32x8d_fpn_1x_coco_20220630_173841-0aaf329e.pth")  # noqa: E501

@@ -17,6 +17,7 @@ def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, groups=32, width_per_group=8, style="pytorch",
       pixel=config_lib.D2_FAIR_BGR, schedule="3x", multiscale=True,
+      backbone_init="open-mmlab://detectron2/resnext101_32x8d",
       upstream="mask_rcnn_x101_32x8d_fpn_mstrain-poly_3x_coco")
   config.data.train_short = (640, 672, 704, 736, 768, 800)  # multiscale_mode='value'
   config.data.train_short_mode = "choice"

@@ -12,7 +12,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, groups=64, width_per_group=4, style="pytorch",
-      pixel=config_lib.PYTORCH_RGB, schedule="1x", upstream="mask_rcnn_x101_64x4d_fpn_1x_coco")
+      pixel=config_lib.PYTORCH_RGB, schedule="1x",
+      backbone_init="open-mmlab://resnext101_64x4d",
+      upstream="mask_rcnn_x101_64x4d_fpn_1x_coco")
   config.published = config_lib.published(
       box_ap=42.8, mask_ap=38.4,
       url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_x101_64x4d_fpn_1x_coco/mask_rcnn_x101_64x4d_fpn_1x_coco_20200201-9352eb0d.pth")  # noqa: E501

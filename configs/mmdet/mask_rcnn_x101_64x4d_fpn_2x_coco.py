@@ -12,7 +12,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, groups=64, width_per_group=4, style="pytorch",
-      pixel=config_lib.PYTORCH_RGB, schedule="2x", upstream="mask_rcnn_x101_64x4d_fpn_2x_coco")
+      pixel=config_lib.PYTORCH_RGB, schedule="2x",
+      backbone_init="open-mmlab://resnext101_64x4d",
+      upstream="mask_rcnn_x101_64x4d_fpn_2x_coco")
   config.published = config_lib.published(
       box_ap=42.7, mask_ap=38.1,
       url="https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn/mask_rcnn_x101_64x4d_fpn_2x_coco/mask_rcnn_x101_64x4d_fpn_2x_coco_20200509_224208-39d6f70c.pth")  # noqa: E501

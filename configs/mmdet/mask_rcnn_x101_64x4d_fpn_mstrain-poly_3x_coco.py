@@ -14,6 +14,7 @@ def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, groups=64, width_per_group=4, style="pytorch",
       pixel=config_lib.PYTORCH_RGB, schedule="3x", multiscale=True,
+      backbone_init="open-mmlab://resnext101_64x4d",
       upstream="mask_rcnn_x101_64x4d_fpn_mstrain-poly_3x_coco")
   config.published = config_lib.published(
       box_ap=44.5, mask_ap=39.7,

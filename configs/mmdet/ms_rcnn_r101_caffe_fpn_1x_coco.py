@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, style="caffe", pixel=config_lib.CAFFE_BGR, mask_scoring=True,
-      schedule="1x", upstream="ms_rcnn_r101_caffe_fpn_1x_coco")
+      schedule="1x",
+      backbone_init="open-mmlab://detectron2/resnet101_caffe",
+      upstream="ms_rcnn_r101_caffe_fpn_1x_coco")
   config.published = config_lib.published(
       box_ap=40.4, mask_ap=37.6,
       url="https://download.openmmlab.com/mmdetection/v2.0/ms_rcnn/ms_rcnn_r101_caffe_fpn_1x_coco/ms_rcnn_r101_caffe_fpn_1x_coco_bbox_mAP-0.404__segm_mAP-0.376_20200506_004755-b9b12a37.pth")  # noqa: E501

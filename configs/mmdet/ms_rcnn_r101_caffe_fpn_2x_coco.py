@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, style="caffe", pixel=config_lib.CAFFE_BGR, mask_scoring=True,
-      schedule="2x", upstream="ms_rcnn_r101_caffe_fpn_2x_coco")
+      schedule="2x",
+      backbone_init="open-mmlab://detectron2/resnet101_caffe",
+      upstream="ms_rcnn_r101_caffe_fpn_2x_coco")
   config.published = config_lib.published(
       box_ap=41.1, mask_ap=38.1,
       url="https://download.openmmlab.com/mmdetection/v2.0/ms_rcnn/ms_rcnn_r101_caffe_fpn_2x_coco/ms_rcnn_r101_caffe_fpn_2x_coco_bbox_mAP-0.411__segm_mAP-0.381_20200506_011134-5f3cc74f.pth")  # noqa: E501

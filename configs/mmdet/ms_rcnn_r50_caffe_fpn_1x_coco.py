@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=50, style="caffe", pixel=config_lib.CAFFE_BGR, mask_scoring=True,
-      schedule="1x", upstream="ms_rcnn_r50_caffe_fpn_1x_coco")
+      schedule="1x",
+      backbone_init="open-mmlab://detectron2/resnet50_caffe",
+      upstream="ms_rcnn_r50_caffe_fpn_1x_coco")
   config.published = config_lib.published(
       box_ap=38.2, mask_ap=36.0,
       url="https://download.openmmlab.com/mmdetection/v2.0/ms_rcnn/ms_rcnn_r50_caffe_fpn_1x_coco/ms_rcnn_r50_caffe_fpn_1x_coco_20200702_180848-61c9355e.pth")  # noqa: E501

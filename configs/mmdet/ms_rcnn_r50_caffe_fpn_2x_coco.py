@@ -14,7 +14,9 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=50, style="caffe", pixel=config_lib.CAFFE_BGR, mask_scoring=True,
-      schedule="2x", upstream="ms_rcnn_r50_caffe_fpn_2x_coco")
+      schedule="2x",
+      backbone_init="open-mmlab://detectron2/resnet50_caffe",
+      upstream="ms_rcnn_r50_caffe_fpn_2x_coco")
   config.published = config_lib.published(
       box_ap=38.8, mask_ap=36.3,
       url="https://download.openmmlab.com/mmdetection/v2.0/ms_rcnn/ms_rcnn_r50_caffe_fpn_2x_coco/ms_rcnn_r50_caffe_fpn_2x_coco_bbox_mAP-0.388__segm_mAP-0.363_20200506_004738-ee87b137.pth")  # noqa: E501

@@ -15,6 +15,7 @@ def get_config():
   config = config_lib.mask_rcnn(
       convention="mmdet", depth=101, groups=64, width_per_group=4, style="pytorch",
       pixel=config_lib.PYTORCH_RGB, mask_scoring=True, schedule="1x",
+      backbone_init="open-mmlab://resnext101_64x4d",
       upstream="ms_rcnn_x101_64x4d_fpn_1x_coco")
   config.published = config_lib.published(
       box_ap=43.0, mask_ap=39.5,

@@ -15,7 +15,8 @@ from maskrcnn_jax import config_lib
 def get_config():
   config = config_lib.mask_rcnn(
       convention="torchvision", depth=50, style="pytorch", pixel=config_lib.TORCHVISION_RGB01,
-      schedule="26e", upstream="maskrcnn_resnet50_fpn")
+      schedule="26e", backbone_init="ResNet50_Weights.IMAGENET1K_V1",
+      upstream="maskrcnn_resnet50_fpn")
   config.model.num_classes = 90  # 91 outputs, background first
   config.published = config_lib.published(
       box_ap=37.9, mask_ap=34.6,

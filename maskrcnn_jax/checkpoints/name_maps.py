@@ -17,6 +17,9 @@ Public API:
   infer_spec(state, *, framework) -> ModelSpec
   cell_anchors(state) -> list of (3, 4) arrays or None
   flatten_variables(tree) -> {path tuple: array};  unflatten_variables(flat) -> tree
+  ImageNet backbone files (Caffe2 / detectron2 / torchvision-mmdetection names):
+  map_backbone(state, *, depth, arch='FPN') -> BackboneMapping;  check_backbone(mapping, expected,
+  depth=...) raises CheckpointMismatchError;  backbone_naming(state);  c2_to_detectron2_name(key)
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ __all__ = [
     'linear_kernel',
     'roi_fc_kernel',
     'deconv_kernel',
+    'BackboneMapping',
+    'backbone_naming',
+    'c2_to_detectron2_name',
+    'detectron2_to_c2_name',
+    'map_backbone',
+    'check_backbone',
 ]
 
 FRAMEWORKS = ('mmdet', 'detectron2', 'torchvision')
@@ -615,24 +624,36 @@ def map_state_dict(state: Mapping[str, np.ndarray], *, framework: str, spec: Mod
     if entry is None or leaf not in _LEAVES[entry[1]]:
       unmatched.append(key)
       continue
-    path, kind = entry
-    collection, name, hook = _LEAVES[kind][leaf]
-    target = (collection,) + path + (name,)
+    target, hook = _leaf_target(entry, leaf)
     if target in flat:
       problems.append(f'{key} and {sources[target]} both map to {_fmt_path(target)} '
                       '(the checkpoint has the legacy and the current spelling)')
       continue
-    arr = np.asarray(value)
-    try:
-      arr = hook(arr)
-    except _LayoutError as e:
-      problems.append(f'{key}: {e}')
-      continue
-    if dtype is not None and _is_float(arr.dtype):
-      arr = arr.astype(dtype)
-    flat[target] = np.asarray(arr, order='C')  # not ascontiguousarray: it makes 0-d arrays 1-d
-    sources[target] = key
+    _store(flat, sources, problems, key, value, target, hook, dtype)
   return MappingResult(unflatten_variables(flat), sources, unmatched, dropped, problems)
+
+
+def _leaf_target(entry: _Entry, leaf: str) -> tuple[tuple[str, ...], Callable]:
+  """(variable path, layout hook) of the torch leaf `leaf` ('weight', 'running_mean', ...) of the
+  module table entry `entry`."""
+  path, kind = entry
+  collection, name, hook = _LEAVES[kind][leaf]
+  return (collection,) + path + (name,), hook
+
+
+def _store(flat: dict, sources: dict, problems: list, key: str, value, target: tuple[str, ...],
+           hook: Callable, dtype) -> None:
+  """flat[target] = hook(value) with floating results cast to `dtype` (None keeps them), and
+  sources[target] = key; a layout error goes to `problems` instead."""
+  try:
+    arr = hook(np.asarray(value))
+  except _LayoutError as e:
+    problems.append(f'{key}: {e}')
+    return
+  if dtype is not None and _is_float(arr.dtype):
+    arr = arr.astype(dtype)
+  flat[target] = np.asarray(arr, order='C')  # not ascontiguousarray: it makes 0-d arrays 1-d
+  sources[target] = key
 
 
 def _check_not_mmdet_v1(state: Mapping[str, np.ndarray], source: str | None):
@@ -1003,3 +1024,247 @@ def _infer_widths_and_classes(state: Mapping[str, np.ndarray],
   else:
     num_classes = 90 if framework == 'torchvision' else 80
   return {'groups': groups, 'width_per_group': width_per_group, 'num_classes': num_classes}
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet backbone files (a recipe's `model.backbone_init`): the ResNet alone, in one of three
+# namings. The FPN and heads are absent by design; every backbone variable must be present.
+
+BACKBONE_NAMINGS = ('c2', 'detectron2', 'torchvision')
+
+# detectron2/checkpoint/c2_model_loading.py `convert_basic_c2_names`, in its order, restricted to
+# what a ResNet classification file holds (`pred_w` -> `linear_w` is its hard-coded classifier
+# rename; GroupNorm and DensePose rules do not apply to these files).
+_C2_RENAMES = tuple((re.compile(p), r) for p, r in (
+    (r'^pred_([wb])$', r'linear_\1'),
+    (r'_', '.'),
+    (r'\.b$', '.bias'),
+    (r'\.w$', '.weight'),
+    (r'bn\.s$', 'norm.weight'),
+    (r'bn\.bias$', 'norm.bias'),
+    (r'bn\.rm', 'norm.running_mean'),
+    (r'bn\.running\.mean$', 'norm.running_mean'),
+    (r'bn\.riv$', 'norm.running_var'),
+    (r'bn\.running\.var$', 'norm.running_var'),
+    (r'bn\.gamma$', 'norm.weight'),
+    (r'bn\.beta$', 'norm.bias'),
+    (r'^res\.conv1\.norm\.', 'conv1.norm.'),
+    (r'^conv1\.', 'stem.conv1.'),
+    (r'\.branch1\.', '.shortcut.'),
+    (r'\.branch2a\.', '.conv1.'),
+    (r'\.branch2b\.', '.conv2.'),
+    (r'\.branch2c\.', '.conv3.'),
+))
+_C2_BRANCHES = {'shortcut': 'branch1', 'conv1': 'branch2a', 'conv2': 'branch2b',
+                'conv3': 'branch2c'}
+_C2_LEAVES = {('conv', 'weight'): 'w', ('conv', 'bias'): 'b', ('norm', 'weight'): 'bn_s',
+              ('norm', 'bias'): 'bn_b', ('norm', 'running_mean'): 'bn_rm',
+              ('norm', 'running_var'): 'bn_riv'}
+# Modules of an ImageNet classification file that a detector does not use.
+_CLASSIFIER_MODULES = ('fc', 'stem.fc', 'fc1000', 'linear')
+
+
+def c2_to_detectron2_name(key: str) -> str:
+  """A Caffe2 blob name (`res2_0_branch2a_bn_s`) -> its detectron2 state-dict name
+  (`res2.0.conv1.norm.weight`), as detectron2's `convert_basic_c2_names` renames it."""
+  for pattern, repl in _C2_RENAMES:
+    key = pattern.sub(repl, key)
+  return key
+
+
+def detectron2_to_c2_name(name: str) -> str:
+  """The inverse of `c2_to_detectron2_name` for ResNet backbone names (stem, blocks), e.g.
+  `stem.conv1.norm.weight` -> `res_conv1_bn_s`, `res3.0.shortcut.weight` -> `res3_0_branch1_w`."""
+  module, _, leaf = name.rpartition('.')
+  kind = 'norm' if module.endswith('.norm') else 'conv'
+  base = module[:-len('.norm')] if kind == 'norm' else module
+  if base == 'stem.conv1':
+    prefix = 'res_conv1' if kind == 'norm' else 'conv1'
+  else:
+    m = re.fullmatch(r'res(\d)\.(\d+)\.(shortcut|conv[123])', base)
+    if m is None or (kind, leaf) not in _C2_LEAVES:
+      raise ValueError(f'{name!r} is not a detectron2 ResNet backbone name')
+    prefix = f'res{m.group(1)}_{m.group(2)}_{_C2_BRANCHES[m.group(3)]}'
+  return f'{prefix}_{_C2_LEAVES[(kind, leaf)]}'
+
+
+def backbone_naming(state: Mapping[str, Any]) -> str:
+  """'c2' (`conv1_w`, `res2_0_branch2a_w`: detectron2's ImageNetPretrained/*.pkl), 'detectron2'
+  (`stem.conv1.weight`, `res2.0.conv1.weight`: tools/convert-torchvision-to-d2.py output) or
+  'torchvision' (`conv1.weight`, `layer1.0.conv1.weight`: torchvision and mmdetection files)."""
+  keys = list(state)
+  if any(re.fullmatch(r'(conv1|res\d_\d+_branch(1|2[abc]))_w', k) for k in keys):
+    return 'c2'
+  if any(re.match(r'(stem\.conv1|res\d\.\d+)\.', k) for k in keys):
+    return 'detectron2'
+  if any(k == 'conv1.weight' or re.match(r'layer\d\.\d+\.', k) for k in keys):
+    return 'torchvision'
+  guess = guess_framework(state)
+  hint = (f': it looks like a {guess} detection checkpoint, which config.init reads'
+          if guess != 'unknown' else '')
+  raise CheckpointMismatchError(
+      f'not a ResNet backbone file: no stem or block key in any of the Caffe2 (conv1_w), '
+      f'detectron2 (stem.conv1.weight) or torchvision/mmdetection (conv1.weight) namings '
+      f'(first keys: {", ".join(keys[:3])}){hint}')
+
+
+@dataclasses.dataclass
+class BackboneMapping:
+  """Outcome of `map_backbone`.
+
+  Attributes:
+    variables: {'params': ..., 'batch_stats': ...} with the 'backbone' subtree (and 'roi_res5'
+      for the C4 architecture, whose res5 is the RoI head).
+    naming: 'c2' | 'detectron2' | 'torchvision' (`backbone_naming`).
+    sources: variable path -> the file key it came from.
+    keys: every variable path the naming provides -> the file key that would hold it.
+    dropped: (key, reason) of keys a detector does not use (classifier, BN step counters,
+      biases of bias-free convs).
+    filled: norm modules (file naming) without statistics, given mean 0 / var 1.
+    unmatched: keys that are none of the above (another depth, another network).
+    problems: layout errors, half-present statistics.
+  """
+
+  variables: dict[str, Any]
+  naming: str
+  sources: dict[tuple[str, ...], str]
+  keys: dict[tuple[str, ...], str]
+  dropped: list[tuple[str, str]]
+  filled: list[str]
+  unmatched: list[str]
+  problems: list[str]
+
+
+def map_backbone(state: Mapping[str, np.ndarray], *, depth: int, arch: str = 'FPN',
+                 dtype=np.float32) -> BackboneMapping:
+  """Rename and re-layout the tensors of an ImageNet backbone file; never raises for mismatches
+  (see `check_backbone`).
+
+  Args:
+    state: name -> array as read from the file (torch layouts; Caffe2 names for `.pkl` files).
+    depth: the model's ResNet depth (50, 101, 152): which blocks to expect.
+    arch: 'FPN' / 'DC5' (res2..res5 under 'backbone') or 'C4' (res5 under 'roi_res5').
+    dtype: floating tensors are cast to this.
+
+  Norms with a scale and a bias but no statistics (Caffe2 files store BN folded into an affine
+  `_bn_s` / `_bn_b`) get running mean 0 and variance 1, as detectron2's
+  `FrozenBatchNorm2d._load_from_state_dict` fills them for files without version metadata (and as
+  mmdetection's tools/model_converters/detectron2pytorch.py writes them): the model's eps still
+  applies, y = x * s / sqrt(1 + eps) + b.
+  """
+  naming = backbone_naming(state)
+  framework = 'torchvision' if naming == 'torchvision' else 'detectron2'
+  table = _resnet_modules(ModelSpec(depth=depth), framework, '')
+  if arch == 'C4':  # detectron2 Res5ROIHeads: res5 is the RoI head (`roi_heads.res5`)
+    table = {k: ((('roi_res5',) + path[1:]) if path[1].startswith('res5_') else path, kind)
+             for k, (path, kind) in table.items()}
+
+  def file_key(module: str, leaf: str) -> str:
+    name = f'{module}.{leaf}'
+    return detectron2_to_c2_name(name) if naming == 'c2' else name
+
+  keys = {}
+  for module, entry in table.items():
+    for leaf in _LEAVES[entry[1]]:
+      if entry[1] == 'conv' and leaf == 'bias':
+        continue  # the backbone convs have no bias
+      keys[_leaf_target(entry, leaf)[0]] = file_key(module, leaf)
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  sources: dict[tuple[str, ...], str] = {}
+  dropped: list[tuple[str, str]] = []
+  unmatched: list[str] = []
+  problems: list[str] = []
+  for key, value in state.items():
+    name = c2_to_detectron2_name(key) if naming == 'c2' else key
+    module, _, leaf = name.rpartition('.')
+    entry = table.get(module)
+    if leaf == 'num_batches_tracked':
+      dropped.append((key, 'BatchNorm step counter'))
+    elif module in _CLASSIFIER_MODULES:
+      dropped.append((key, 'ImageNet classifier'))
+    elif entry is not None and entry[1] == 'conv' and leaf == 'bias':
+      # detectron2 lists `stem.conv1.bias` (C2 `conv1_b`) as unused; mmcv skips it as unexpected.
+      dropped.append((key, 'bias of a bias-free conv, unused by detectron2 and mmdetection too'))
+    elif entry is None or leaf not in _LEAVES[entry[1]]:
+      unmatched.append(key)
+    else:
+      _store(flat, sources, problems, key, value, *_leaf_target(entry, leaf), dtype)
+  filled = []
+  for module, (path, kind) in table.items():
+    if kind != 'norm':
+      continue
+    stats = [('batch_stats',) + path + (n,) for n in ('mean', 'var')]
+    present = [p in flat for p in stats]
+    affine = [flat[('params',) + path + (n,)] for n in ('scale', 'bias')
+              if ('params',) + path + (n,) in flat]
+    if affine and not any(present):
+      flat[stats[0]] = np.zeros(affine[0].shape, np.float32)
+      flat[stats[1]] = np.ones(affine[0].shape, np.float32)
+      filled.append(file_key(module, 'weight').rpartition('_s' if naming == 'c2' else '.')[0])
+    elif any(present) and not all(present):
+      problems.append(f'{file_key(module, "running_mean")} / {file_key(module, "running_var")}: '
+                      'one of the two statistics is missing')
+  return BackboneMapping(unflatten_variables(flat), naming, sources, keys, dropped, filled,
+                         unmatched, problems)
+
+
+def _few(names: list[str], n: int = 4) -> str:
+  shown = ', '.join(names[:n])
+  return shown + (f', ... ({len(names)} in all)' if len(names) > n else '')
+
+
+def _file_depth(state_keys: Iterable[str], naming: str) -> int | None:
+  """ResNet depth from the number of res4 blocks of an ImageNet backbone file."""
+  pattern = {'c2': r'res4_(\d+)_', 'detectron2': r'res4\.(\d+)\.',
+             'torchvision': r'layer3\.(\d+)\.'}[naming]
+  blocks = [int(m.group(1)) + 1 for m in map(lambda k: re.match(pattern, k), state_keys) if m]
+  return _DEPTH_FROM_STAGE4_BLOCKS.get(max(blocks)) if blocks else None
+
+
+def check_backbone(mapping: BackboneMapping, expected: Mapping[tuple[str, ...], tuple[int, ...]],
+                   *, depth: int, state_keys: Iterable[str] = (), source: str = '') -> None:
+  """Raise `CheckpointMismatchError` (one line) unless `mapping` fills exactly the `expected`
+  backbone paths with their shapes and left no key unexplained.
+
+  Args:
+    mapping: from `map_backbone`.
+    expected: the model's backbone variables (path -> shape), e.g. those of
+      `modeling.build.variable_shapes` whose module is 'backbone' (and 'roi_res5' for C4).
+    depth: the model's depth, for the "is it a ResNet-101 file?" hint.
+    state_keys: the file's keys, for that hint.
+    source: the file name for the message.
+  """
+  flat = flatten_variables(mapping.variables)
+  missing = [p for p in expected if p not in flat]
+  extra = [p for p in flat if p not in expected]
+  shapes = [(p, _shape_of(flat[p]), tuple(expected[p])) for p in flat
+            if p in expected and _shape_of(flat[p]) != tuple(expected[p])]
+  if not (missing or extra or shapes or mapping.unmatched or mapping.problems):
+    return
+  parts = []
+  if mapping.unmatched:
+    file_depth = _file_depth(state_keys, mapping.naming)
+    hint = (f' (it has the blocks of a ResNet-{file_depth}; model.depth is {depth})'
+            if file_depth not in (None, depth) else '')
+    parts.append(f'{len(mapping.unmatched)} key(s) that a ResNet-{depth} backbone does not have: '
+                 f'{_few(mapping.unmatched)}{hint}')
+
+  def key_of(p):  # the file key a variable comes (or would come) from; statistics may be filled
+    return mapping.sources.get(p) or mapping.keys.get(p) or _fmt_path(p)
+
+  if missing:
+    parts.append(f'{len(missing)} backbone key(s) missing from the file: '
+                 + _few([key_of(p) for p in missing]))
+  if extra:
+    parts.append(f'{len(extra)} variable(s) the model does not have: '
+                 + _few([f'{key_of(p)} -> {_fmt_path(p)}' for p in extra]))
+  if shapes:
+    hints = _shape_hints(shapes)
+    shown = _few([f'{key_of(p)} gives {_fmt_path(p)} {_fmt_shape(got)} where the model has '
+                  f'{_fmt_shape(want)}' for p, got, want in shapes], 2)
+    parts.append(f'{len(shapes)} shape disagreement(s): {shown}'
+                 + (f' ({hints[0]})' if hints else ''))
+  parts += mapping.problems[:3]
+  head = f'{source}: ' if source else ''
+  raise CheckpointMismatchError(f'{head}the {mapping.naming}-named backbone file does not fit '
+                                'the model: ' + '; '.join(parts))

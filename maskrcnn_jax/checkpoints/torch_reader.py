@@ -16,7 +16,8 @@ wrong.
 Public API:
   load_pth(path) -> (state, meta)
   load_pkl(path) -> (state, meta)
-  load_checkpoint(path) -> (framework_guess, state, meta)
+  load_checkpoint(path, allow_caffe2=False) -> (framework_guess, state, meta)
+  load_pkl(path, allow_caffe2=True) also reads Caffe2 / Detectron1 pickles (ImageNet backbones)
   guess_framework(state) -> 'mmdet' | 'detectron2' | 'torchvision' | 'unknown'
 """
 
@@ -640,13 +641,21 @@ def load_pth(path) -> tuple[collections.OrderedDict, dict]:
   return _unwrap(obj, source=path, info=info)
 
 
-def load_pkl(path) -> tuple[collections.OrderedDict, dict]:
+def load_pkl(path, *, allow_caffe2: bool = False) -> tuple[collections.OrderedDict, dict]:
   """Read a detectron2 model-zoo `.pkl` (parity_spec 1.3) through the allowlist unpickler.
 
+  Args:
+    path: the `.pkl` file.
+    allow_caffe2: also accept what detectron2's `DetectionCheckpointer._load_file` reads as a
+      Caffe2 / Detectron1 file: a pickle without `model` + `__author__`, whose arrays are the dict
+      itself (ImageNet backbones such as `ImageNetPretrained/MSRA/R-50.pkl`) or its `blobs` entry
+      (Detectron1 detection models); `*_momentum` entries are dropped as detectron2 drops them.
+
   Returns:
-    state: OrderedDict name -> np.ndarray (float32 for zoo files), the `model` entry.
-    meta: dict with 'format' = 'pickle', 'wrapper' = 'model', '__author__' and
-      'matching_heuristics' when present, 'source'.
+    state: OrderedDict name -> np.ndarray (float32 for zoo files), the `model` entry (Caffe2 files:
+      the blob dict, C2 names such as `res2_0_branch2a_w`).
+    meta: dict with 'format' = 'pickle', 'wrapper' = 'model' ('caffe2' for a Caffe2 file),
+      '__author__' and 'matching_heuristics' when present, 'source'.
   """
   path = os.fspath(path)
   raw = _read_file(path)
@@ -657,11 +666,21 @@ def load_pkl(path) -> tuple[collections.OrderedDict, dict]:
   unpickler = _RestrictedUnpickler(io.BytesIO(raw), source=path, allow_torch=False,
                                    encoding='latin1')
   obj = _unpickle(unpickler, path, 'object')
+  is_d2 = isinstance(obj, dict) and 'model' in obj and isinstance(obj['model'], dict)
+  if allow_caffe2 and isinstance(obj, dict) and not is_d2:
+    # detectron2/checkpoint/detection_checkpoint.py `_load_file`: "Detection models have
+    # "blobs", but ImageNet models don't"; `_momentum` blobs are solver state.
+    blobs = obj['blobs'] if isinstance(obj.get('blobs'), dict) else obj
+    state = collections.OrderedDict(
+        (k, v) for k, v in blobs.items() if not (isinstance(k, str) and k.endswith('_momentum')))
+    meta = {'format': 'pickle', 'wrapper': 'caffe2', 'source': path, 'meta': None,
+            'top_level_keys': list(obj.keys())[:10]}
+    return _check_arrays(state, path), meta
   if isinstance(obj, dict) and 'blobs' in obj and 'model' not in obj:
     raise CheckpointFormatError(
         f'{path}: a Caffe2/Detectron1 blob file (`blobs` key); only detectron2 `model` pickles '
         'are supported')
-  if not isinstance(obj, dict) or 'model' not in obj:
+  if not is_d2:
     keys = list(obj.keys())[:5] if isinstance(obj, dict) else type(obj).__name__
     raise CheckpointFormatError(f'{path}: a pickle without a `model` dict (found {keys})')
   return _unwrap(obj, source=path, info={'format': 'pickle'})
@@ -683,8 +702,11 @@ def guess_framework(state: dict) -> str:
   return best if scores[best] else 'unknown'
 
 
-def load_checkpoint(path) -> tuple[str, collections.OrderedDict, dict]:
+def load_checkpoint(path, *, allow_caffe2: bool = False
+                    ) -> tuple[str, collections.OrderedDict, dict]:
   """Load any supported checkpoint, dispatching on content (zip magic / legacy magic / pickle).
+
+  `allow_caffe2` is passed to `load_pkl` (Caffe2 / Detectron1 pickles, e.g. ImageNet backbones).
 
   Returns:
     (framework_guess, state, meta): framework_guess in {'mmdet', 'detectron2', 'torchvision',
@@ -697,7 +719,7 @@ def load_checkpoint(path) -> tuple[str, collections.OrderedDict, dict]:
   if kind in ('zip', 'legacy'):
     state, meta = load_pth(path)
   elif kind == 'pickle':
-    state, meta = load_pkl(path)
+    state, meta = load_pkl(path, allow_caffe2=allow_caffe2)
   elif kind == 'tar':
     raise CheckpointFormatError(f'{path}: pre-0.1.10 torch tar format is not supported')
   elif not head:

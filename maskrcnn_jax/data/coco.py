@@ -50,6 +50,7 @@ from pycocotools import coco as coco_lib
 from pycocotools import mask as mask_util
 
 from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax.data import masks as masks_lib
 from maskrcnn_jax.data import transforms
 
 logger = logging.getLogger(__name__)
@@ -89,16 +90,35 @@ class CocoDataset:
     self.stats: Dict[str, int] = collections.Counter()
     data = self._load_json()
     self._validate_and_index(data)
-    # pycocotools' COCO object, for evaluation (COCOeval) and for users; built from the validated
-    # dict so that nothing is read twice. createIndex prints; keep the log clean.
-    self.coco = coco_lib.COCO()
-    self.coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-      self.coco.createIndex()
+    self._coco = self._make_coco(data)
     dropped = {k: v for k, v in self.stats.items() if v}
     logger.info("%s: %d images, %d annotations kept, %d categories; %s", self.annotation_file,
                 len(self.image_ids), sum(len(v) for v in self._anns.values()),
                 len(self.category_ids), dropped or "nothing dropped")
+
+  @staticmethod
+  def _make_coco(data: Dict[str, Any]) -> coco_lib.COCO:
+    coco = coco_lib.COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints; keep the log clean
+      coco.createIndex()
+    return coco
+
+  @property
+  def coco(self) -> coco_lib.COCO:
+    """pycocotools' COCO object, for evaluation (COCOeval) and for users; built from the validated
+    dict so that nothing is read twice (re-read from the file in a copy made by pickling)."""
+    if self._coco is None:
+      self._coco = CocoDataset(self.annotation_file, self.image_dir,
+                               convention=self.convention).coco
+    return self._coco
+
+  def __getstate__(self) -> Dict[str, Any]:
+    # Worker processes (data/loader.py) need the parsed annotations, not pycocotools' index of the
+    # whole json (hundreds of MB more to pickle per worker for COCO train).
+    state = dict(self.__dict__)
+    state["_coco"] = None
+    return state
 
   # ---------------------------------------------------------------------------------------------
   # loading and validation
@@ -256,15 +276,7 @@ class CocoDataset:
   @staticmethod
   def _to_rle(segm, h: int, w: int):
     """pycocotools RLE (compressed) of a polygon list, uncompressed or compressed RLE."""
-    if isinstance(segm, list):
-      # mmdet `_poly2mask`, detectron2 `polygons_to_bitmask` and torchvision
-      # `convert_coco_poly_to_mask` all do frPyObjects + merge + decode.
-      return mask_util.merge(mask_util.frPyObjects(segm, h, w))
-    if isinstance(segm["counts"], list):
-      return mask_util.frPyObjects(segm, h, w)  # uncompressed RLE
-    counts = segm["counts"]
-    return {"size": [int(v) for v in segm["size"]],
-            "counts": counts.encode("utf-8") if isinstance(counts, str) else counts}
+    return masks_lib.to_rle(segm, h, w)
 
   # ---------------------------------------------------------------------------------------------
   # public accessors

@@ -360,6 +360,71 @@ def _to_unit(x: np.ndarray, input_scale: float) -> np.ndarray:
   return x * np.float32(input_scale)
 
 
+def normalize_resized(resized: np.ndarray, *,
+                      convention: Union[str, conventions_lib.Convention],
+                      pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                      to_rgb: bool = False, input_scale: float = 1.0) -> np.ndarray:
+  """Normalizes a resized uint8 image as mmdet / detectron2 do (parity_spec 3.3: resize first).
+
+  Args:
+    resized: [H, W, 3] uint8 in the decoder's channel order (BGR).
+    convention, pixel_mean, pixel_std, to_rgb, input_scale: as `preprocess`.
+
+  Returns:
+    [H, W, 3] float32 in the network's channel order. Every output value is a function of one
+    input value and its channel (`normalization_table`).
+  """
+  conv = _convention(convention)
+  flip = bool(to_rgb) != decoder_is_rgb(conv)
+  mean = np.asarray(pixel_mean, np.float64).reshape(1, -1)
+  std = np.asarray(pixel_std, np.float64).reshape(1, -1)
+  out = _to_unit(resized, input_scale)
+  if conv.resize == "mmdet":
+    # mmcv/image/photometric.py:imnormalize_: float32 copy, in-place cv2 BGR->RGB, cv2.subtract of
+    # the float64 mean (applied as a float32 scalar), cv2.multiply by the float64 1/std (computed in
+    # double, rounded to float32). Called through cv2 exactly as mmcv does.
+    if flip:
+      cv2.cvtColor(out, cv2.COLOR_BGR2RGB, out)
+    cv2.subtract(out, mean, out)
+    cv2.multiply(out, 1.0 / std, out)
+    return out
+  if conv.resize == "detectron2":
+    # detectron2/modeling/meta_arch/rcnn.py:preprocess_image: (x - mean) / std, float32 tensors.
+    if flip:
+      out = out[:, :, ::-1]
+    return (out - mean.astype(np.float32)) / std.astype(np.float32)
+  raise ValueError(f"convention {conv.name!r} normalizes before resizing (parity_spec 3.3)")
+
+
+def normalization_table(*, convention: Union[str, conventions_lib.Convention],
+                        pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                        to_rgb: bool = False,
+                        input_scale: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
+  """`normalize_resized` as a lookup table, for normalizing uint8 images on the device.
+
+  Normalization is per pixel and per channel, so for the conventions that resize the uint8 image
+  first (mmdet, detectron2) it is a function of (channel, uint8 value): computing it for the 256
+  values with the host code itself gives a table whose lookup is bit-identical to the host's
+  float32 arithmetic on any backend (`ops.inputs.normalize_image`).
+
+  Returns:
+    table: [256, 3] float32, table[v, c] = output channel c of a pixel whose source channel is v.
+    source: [3] int32, the input (decoder-order) channel that output channel c reads.
+
+  Raises:
+    ValueError: torchvision, which normalizes before resizing (parity_spec 3.3), so its resized
+      values are not a function of uint8 inputs.
+  """
+  # A 16 x 16 image holding the 256 values in every channel (an image one pixel wide would not
+  # do: cv2's in-place arithmetic takes another path for it).
+  values = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
+  table = normalize_resized(values, convention=convention, pixel_mean=pixel_mean,
+                            pixel_std=pixel_std, to_rgb=to_rgb, input_scale=input_scale)
+  flip = bool(to_rgb) != decoder_is_rgb(_convention(convention))
+  source = np.array([2, 1, 0] if flip else [0, 1, 2], np.int32)
+  return np.ascontiguousarray(table.reshape(256, 3), np.float32), source
+
+
 def preprocess(image_uint8: np.ndarray, *, convention: Union[str, conventions_lib.Convention],
                pixel_mean: Sequence[float], pixel_std: Sequence[float], to_rgb: bool = False,
                input_scale: float = 1.0, short: int = 800, max_size: int = 1333,
@@ -408,23 +473,10 @@ def preprocess(image_uint8: np.ndarray, *, convention: Union[str, conventions_li
   if mean.shape != (3,) or std.shape != (3,):
     raise ValueError("pixel_mean and pixel_std must have 3 values")
 
-  if conv.resize == "mmdet":
-    resized = resize_image(image, (new_h, new_w), rule="mmdet")
-    # mmcv/image/photometric.py:imnormalize_: float32 copy, in-place cv2 BGR->RGB, cv2.subtract of
-    # the float64 mean (applied as a float32 scalar), cv2.multiply by the float64 1/std (computed in
-    # double, rounded to float32). Called through cv2 exactly as mmcv does.
-    out = _to_unit(resized, input_scale)
-    if flip:
-      cv2.cvtColor(out, cv2.COLOR_BGR2RGB, out)
-    cv2.subtract(out, mean.reshape(1, -1), out)
-    cv2.multiply(out, 1.0 / std.reshape(1, -1), out)
-  elif conv.resize == "detectron2":
-    resized = resize_image(image, (new_h, new_w), rule="detectron2")
-    # detectron2/modeling/meta_arch/rcnn.py:preprocess_image: (x - mean) / std, float32 tensors.
-    out = _to_unit(resized, input_scale)
-    if flip:
-      out = out[:, :, ::-1]
-    out = (out - mean.astype(np.float32)) / std.astype(np.float32)
+  if conv.resize in ("mmdet", "detectron2"):
+    out = normalize_resized(resize_image(image, (new_h, new_w), rule=conv.resize),
+                            convention=conv, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                            to_rgb=to_rgb, input_scale=input_scale)
   elif conv.resize == "torchvision":
     # torchvision/models/detection/transform.py: normalize (float32) first, then resize.
     x = _to_unit(image, input_scale)

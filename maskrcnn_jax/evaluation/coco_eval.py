@@ -1,7 +1,13 @@
-"""COCO bbox / segm AP of detection results: pycocotools COCOeval, summaries, category checks.
+"""COCO bbox / segm AP of detection results: COCOeval, summaries, category checks.
 
-Host-side (numpy + pycocotools, no JAX import: the parallel backend's worker processes import this
-module).
+Host-side (numpy + pycocotools / faster-coco-eval, no JAX import: the parallel backend's worker
+processes import this module).
+
+* The scorer is faster-coco-eval (`faster_coco_eval.COCOeval_faster`: pycocotools' algorithm with
+  the per-image matching and the accumulation in C++, several times faster on COCO val) when it is
+  installed, else pycocotools; `scorer='pycocotools'` forces the reference. Both give the same
+  twelve statistics (tests/evaluation/test_scorers.py compares them on model outputs and on a
+  synthetic set with crowd regions and images without annotations).
 
 * `evaluate_results(gt, results)` runs COCOeval for 'bbox' and 'segm' on a list of COCO result dicts
   (`coco_format.detections_to_coco` entries) and returns
@@ -13,8 +19,8 @@ module).
   (small / medium / large) use the mask area; all three references do this (mmdet
   `CocoDataset.evaluate` pops 'bbox' since v2.12, detectron2 `_evaluate_predictions_on_coco`,
   torchvision's reference `prepare_for_coco_segmentation` never adds it).
-* `num_workers > 1` runs COCOeval's per-image evaluation (`computeIoU` + `evaluateImg`, the slow
-  part) in worker processes over contiguous chunks of the sorted image ids and merges the
+* pycocotools only: `num_workers > 1` runs COCOeval's per-image evaluation (`computeIoU` +
+  `evaluateImg`, the slow part) in worker processes over contiguous chunks of the sorted image ids and merges the
   per-image records in COCOeval's own order before `accumulate()`. Each record depends only on its
   (image, category, area range), so the numbers are identical to the serial run (tested).
 """
@@ -27,6 +33,7 @@ import io
 import math
 import multiprocessing
 import os
+import weakref
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -253,12 +260,93 @@ def _per_class_ap(e: COCOeval, names: Mapping[int, str]) -> Dict[str, float]:
   return out
 
 
+SCORERS = ("auto", "faster_coco_eval", "pycocotools")
+
+
+def faster_coco_eval_available() -> bool:
+  try:
+    import faster_coco_eval  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def resolve_scorer(scorer: str = "auto") -> str:
+  """'faster_coco_eval' or 'pycocotools' for a `scorer` setting ('auto': the first if installed).
+
+  Raises:
+    EvaluationError: an unknown name, or 'faster_coco_eval' when it is not installed.
+  """
+  if scorer not in SCORERS:
+    raise EvaluationError(f"unknown scorer {scorer!r}; expected one of {SCORERS}")
+  if scorer == "auto":
+    return "faster_coco_eval" if faster_coco_eval_available() else "pycocotools"
+  if scorer == "faster_coco_eval" and not faster_coco_eval_available():
+    raise EvaluationError("scorer 'faster_coco_eval' requested but the faster-coco-eval package is "
+                          "not installed (pip install faster-coco-eval)")
+  return scorer
+
+
+_FASTER_GT: "weakref.WeakKeyDictionary[COCO, Any]" = weakref.WeakKeyDictionary()
+
+
+def _faster_ground_truth(gt: COCO):
+  """A faster_coco_eval COCO of `gt`'s dataset (cached per gt object).
+
+  faster-coco-eval stores per-annotation state ('ignore', 'rle') in the annotation dicts, so it
+  gets its own shallow copies and the pycocotools object stays untouched.
+  """
+  from faster_coco_eval import COCO as FasterCOCO  # pylint: disable=g-import-not-at-top
+  cached = _FASTER_GT.get(gt)
+  if cached is None:
+    data = dict(gt.dataset)
+    data["annotations"] = [dict(a) for a in gt.dataset.get("annotations", [])]
+    if "categories" not in data:
+      data["categories"] = []
+    cached = FasterCOCO(data, print_function=lambda *_: None)
+    _FASTER_GT[gt] = cached
+  return cached
+
+
+def _run_faster(gt: COCO, dets: List[Dict[str, Any]], iou_type: str, img_ids: Sequence[int]):
+  """faster-coco-eval's evaluate + accumulate + summarize; returns (evaluator, summary text)."""
+  from faster_coco_eval import COCOeval_faster  # pylint: disable=g-import-not-at-top
+  fgt = _faster_ground_truth(gt)
+  lines: List[str] = []
+  dt = fgt.loadRes(dets)
+  dt.print_function = lambda *_: None
+  e = COCOeval_faster(fgt, dt, iouType=iou_type, print_function=lines.append)
+  e.params.imgIds = list(img_ids)
+  e.evaluate()
+  e.accumulate()
+  e.summarize()
+  e.stats = np.asarray(e.stats)[:len(STAT_NAMES)]
+  summary = "\n".join(line for line in lines if line.lstrip().startswith("Average"))
+  return e, summary
+
+
+def _run_pycocotools(gt: COCO, dets: List[Dict[str, Any]], iou_type: str,
+                     img_ids: Sequence[int], executor, num_chunks: int):
+  """pycocotools' COCOeval (per-image stage on `executor` when given); (evaluator, summary)."""
+  dt = results_to_coco(gt, dets)
+  e = COCOeval(gt, dt, iouType=iou_type)
+  e.params.imgIds = list(img_ids)
+  with contextlib.redirect_stdout(io.StringIO()):
+    _evaluate(e, executor, num_chunks)
+    e.accumulate()
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    e.summarize()
+  return e, buf.getvalue().rstrip()
+
+
 def evaluate_results(gt: COCO, results: Sequence[Dict[str, Any]], *,
                      iou_types: Sequence[str] = IOU_TYPES,
                      image_ids: Optional[Sequence[int]] = None,
                      per_class: bool = False, num_workers: int = 0,
                      executor: Optional[concurrent.futures.Executor] = None,
-                     log: Optional[Callable[[str], None]] = print) -> Dict[str, Dict[str, float]]:
+                     log: Optional[Callable[[str], None]] = print,
+                     scorer: str = "auto") -> Dict[str, Dict[str, float]]:
   """COCOeval of `results` against `gt` for each iou type.
 
   Args:
@@ -270,10 +358,12 @@ def evaluate_results(gt: COCO, results: Sequence[Dict[str, Any]], *,
       results count as having no detections.
     per_class: also return per-category AP as 'AP-<category name>' (detectron2's keys) and log a
       per-class table.
-    num_workers: > 1 evaluates images in that many worker processes (identical numbers);
-      ignored when `executor` is given.
-    executor: an existing process pool to use for the per-image evaluation.
+    num_workers: pycocotools only: > 1 evaluates images in that many worker processes (identical
+      numbers); ignored when `executor` is given.
+    executor: pycocotools only: an existing process pool to use for the per-image evaluation.
     log: where the 12-line COCOeval summaries and the tables go (None: silent).
+    scorer: 'auto' (faster-coco-eval if installed, else pycocotools), 'faster_coco_eval' or
+      'pycocotools' (`resolve_scorer`).
 
   Returns:
     {iou_type: {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs',
@@ -281,13 +371,14 @@ def evaluate_results(gt: COCO, results: Sequence[Dict[str, Any]], *,
     wherever the ground truth has instances.
 
   Raises:
-    EvaluationError: an empty image set, an unknown iou type, or segm requested for results
-      without 'segmentation'.
+    EvaluationError: an empty image set, an unknown iou type or scorer, or segm requested for
+      results without 'segmentation'.
   """
   log = log or (lambda _: None)
   unknown = [t for t in iou_types if t not in IOU_TYPES]
   if unknown:
     raise EvaluationError(f"unknown iou types {unknown}; expected a subset of {IOU_TYPES}")
+  scorer = resolve_scorer(scorer)
   img_ids = sorted(int(i) for i in (gt.getImgIds() if image_ids is None else image_ids))
   if not img_ids:
     raise EvaluationError("no images to evaluate")
@@ -297,7 +388,7 @@ def evaluate_results(gt: COCO, results: Sequence[Dict[str, Any]], *,
                           f"{len(bbox) - len(segm)} of {len(bbox)} have none")
   names = {c["id"]: c["name"] for c in gt.dataset.get("categories", [])}
   own_pool = None
-  if executor is None and num_workers > 1:
+  if scorer == "pycocotools" and executor is None and num_workers > 1:
     own_pool = executor = concurrent.futures.ProcessPoolExecutor(
         num_workers, mp_context=multiprocessing.get_context("spawn"))
   num_chunks = 4 * (getattr(executor, "_max_workers", 0) or num_workers or 1)
@@ -305,18 +396,12 @@ def evaluate_results(gt: COCO, results: Sequence[Dict[str, Any]], *,
   try:
     for iou_type in iou_types:
       dets = bbox if iou_type == "bbox" else segm
-      dt = results_to_coco(gt, dets)
-      e = COCOeval(gt, dt, iouType=iou_type)
-      e.params.imgIds = img_ids
-      buf = io.StringIO()
-      with contextlib.redirect_stdout(buf):
-        _evaluate(e, executor, num_chunks)
-        e.accumulate()
-      buf = io.StringIO()
-      with contextlib.redirect_stdout(buf):
-        e.summarize()
-      log(f"COCOeval {iou_type} ({len(dets)} detections, {len(img_ids)} images):\n" +
-          buf.getvalue().rstrip())
+      if scorer == "faster_coco_eval":
+        e, summary = _run_faster(gt, dets, iou_type, img_ids)
+      else:
+        e, summary = _run_pycocotools(gt, dets, iou_type, img_ids, executor, num_chunks)
+      log(f"COCOeval {iou_type} ({scorer}, {len(dets)} detections, {len(img_ids)} images):\n"
+          + summary)
       m = _stats_to_metrics(e.stats)
       if per_class:
         per = _per_class_ap(e, names)

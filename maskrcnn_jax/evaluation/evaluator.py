@@ -54,6 +54,7 @@ from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_eval, host
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, ModelConfig
+from maskrcnn_jax.ops import paste_device, paste_plan
 
 _INPUT_KEYS = ("image", "image_hw", "orig_hw", "scale_factor")
 _GATHER_CHUNK = 1 << 26  # bytes per process_allgather call
@@ -214,6 +215,8 @@ class InferenceStats:
   wait_load: float = 0.0  # main thread blocked on image loading
   wait_device: float = 0.0  # main thread blocked on device outputs
   wait_paste: float = 0.0  # main thread blocked on paste workers (backpressure + tail)
+  wait_paste_device: float = 0.0  # main thread blocked on the device paste's tiles
+  paste_bytes: int = 0  # bytes of pasted tiles moved from the devices (device paste)
   gather: float = 0.0
 
   def as_dict(self) -> Dict[str, float]:
@@ -250,7 +253,8 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
                   num_loader_threads: int = 4, pad_multiple: Optional[int] = None,
                   mesh: Optional[Mesh] = None, precision: Any = None,
                   executor: Optional[concurrent.futures.Executor] = None,
-                  log: Callable[[str], None] = _default_log, progress_every_s: float = 30.0
+                  log: Callable[[str], None] = _default_log, progress_every_s: float = 30.0,
+                  paste: str = "device", paste_chunk_tiles: int = 4096
                   ) -> Tuple[List[Dict[str, Any]], InferenceStats]:
   """Runs the model on every image and returns COCO results of all processes, in image-id order.
 
@@ -271,6 +275,10 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
     executor: a process pool to paste with instead of starting one.
     log: progress lines.
     progress_every_s: seconds between progress lines.
+    paste: 'device' (ops/paste_device.py: the masks are pasted on the device that ran the model,
+      in tiles around each box, and only those tiles come back) or 'host' (the 28x28
+      probabilities come back and the workers paste them, ops/paste.py). Identical results.
+    paste_chunk_tiles: device paste: 32x32 tiles per device call (bounds its memory).
 
   Returns:
     (results: list of COCO result dicts with 'segmentation' (and 'mask_score' for Mask Scoring
@@ -278,6 +286,8 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
   """
   t_start = time.perf_counter()
   stats = InferenceStats()
+  if paste not in ("device", "host"):
+    raise ValueError(f"paste must be 'device' or 'host', got {paste!r}")
   mesh = mesh or make_mesh()
   if "data" not in mesh.axis_names:
     raise ValueError(f"the mesh needs a 'data' axis, got {mesh.axis_names}")
@@ -305,6 +315,7 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
   variables = jax.device_put(variables, replicated)
   kwargs = host.preprocess_kwargs(config)
   convention = str(config.convention)
+  conv = conventions_lib.get(convention)
   log(f"evaluating {len(images)} images on {num_devices} device(s) in {jax.process_count()} "
       f"process(es): {len(batches)} batches of {global_batch}, {stats.compiles} padded sizes "
       f"(multiples of {pad_multiple})")
@@ -369,10 +380,20 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
       take_paste(pending.popleft())
     stats.wait_paste += time.perf_counter() - t0
 
-  def handle_outputs(batch: Batch, out):
+  def submit(fn, job):
+    if executor is None:
+      take_paste(_Done(fn(job)))
+    else:
+      pending.append(executor.submit(fn, job))
+    stats.local_images += 1
+
+  def fetch(out) -> Dict[str, Dict[int, np.ndarray]]:
+    """This process's rows of the outputs on the host, by slot (device paste: no mask_probs)."""
     t0 = time.perf_counter()
     host_out: Dict[str, Dict[int, np.ndarray]] = {}
     for key, arr in out.items():
+      if paste == "device" and key == "mask_probs":
+        continue
       rows = {}
       for shard in arr.addressable_shards:
         data = np.asarray(shard.data)
@@ -380,22 +401,85 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
           rows[slot] = data[j]
       host_out[key] = rows
     stats.wait_device += time.perf_counter() - t0
+    return host_out
+
+  def base_job(im: EvalImage, host_out, slot: int) -> Tuple[Dict[str, Any], np.ndarray]:
+    keep = np.flatnonzero(host_out["valid"][slot])
+    job = dict(image_id=im.image_id, orig_hw=im.hw, convention=convention, category_ids=table,
+               **{k: host_out[k][slot][keep] for k in ("boxes", "scores", "labels")})
+    if "mask_scores" in host_out:
+      job["mask_scores"] = host_out["mask_scores"][slot][keep]
+    return job, keep
+
+  def handle_host_paste(batch: Batch, out):
+    host_out = fetch(out)
     for slot in local_slots:
       im = batch.images[slot]
       if im is None:
         continue
-      keep = host_out["valid"][slot]
-      job = dict(image_id=im.image_id, orig_hw=im.hw, convention=convention, category_ids=table,
-                 **{k: host_out[k][slot][keep] for k in
-                    ("boxes", "scores", "labels", "paste_boxes", "mask_probs")})
-      if "mask_scores" in host_out:
-        job["mask_scores"] = host_out["mask_scores"][slot][keep]
-      if executor is None:
-        take_paste(_Done(host.paste_and_encode(job)))
-      else:
-        pending.append(executor.submit(host.paste_and_encode, job))
-      stats.local_images += 1
+      job, keep = base_job(im, host_out, slot)
+      job.update(paste_boxes=host_out["paste_boxes"][slot][keep],
+                 mask_probs=host_out["mask_probs"][slot][keep])
+      submit(host.paste_and_encode, job)
     drain(max_pending)
+
+  def start_device_paste(batch: Batch, out):
+    """Fetches the small outputs and starts the paste on each local device (asynchronous)."""
+    host_out = fetch(out)
+    boxes_on = {shard.device: shard for shard in out["paste_boxes"].addressable_shards}
+    started, seen = [], set()
+    for shard in out["mask_probs"].addressable_shards:
+      per_slot = shard.data.shape[1]  # detections per image
+      det_index, boxes, hws, owners = [], [], [], []
+      for j, slot in enumerate(range(*shard.index[0].indices(global_batch))):
+        im = batch.images[slot]
+        if im is None or slot in seen:  # a dummy slot, or a replica of one already pasted
+          continue
+        seen.add(slot)
+        job, keep = base_job(im, host_out, slot)
+        det_index.append(j * per_slot + keep)
+        boxes.append(host_out["paste_boxes"][slot][keep])
+        hws.append(np.broadcast_to(np.asarray(im.hw), (len(keep), 2)))
+        owners.append((job, len(keep)))
+      if not owners:
+        continue
+      plan = paste_plan.plan_tiles(np.concatenate(det_index), np.concatenate(boxes),
+                                   np.concatenate(hws), method=conv.paste,
+                                   mask_size=int(shard.data.shape[-1]))
+      chunks = paste_device.dispatch(
+          plan, shard.data, boxes_on[shard.device].data, method=conv.paste,
+          inclusive=conv.mask_threshold_inclusive, chunk_tiles=paste_chunk_tiles,
+          device=shard.device)
+      started.append((plan, chunks, owners))
+    return started
+
+  def finish_device_paste(started):
+    """Collects the pasted tiles of a batch and hands each image to the RLE workers."""
+    for plan, chunks, owners in started:
+      t0 = time.perf_counter()
+      tiles = paste_device.gather_packed(plan, chunks)
+      stats.wait_paste_device += time.perf_counter() - t0
+      stats.paste_bytes += tiles.nbytes
+      d0 = 0
+      for job, n in owners:
+        t_lo, t_hi = plan.first[d0], plan.first[d0 + n]
+        job.update(windows=plan.windows[d0:d0 + n], grid=plan.grid[d0:d0 + n],
+                   first=plan.first[d0:d0 + n + 1] - t_lo, tiles=tiles[t_lo:t_hi])
+        submit(host.encode_tiles, job)
+        d0 += n
+    drain(max_pending)
+
+  # Device paste: batch k's tiles are collected after batch k + 1's paste was started, so the
+  # device always has queued work while the host waits.
+  deferred: List[Any] = []
+
+  def handle_outputs(batch: Batch, out):
+    if paste == "host":
+      handle_host_paste(batch, out)
+      return
+    deferred.append(start_device_paste(batch, out))
+    if len(deferred) > 1:
+      finish_device_paste(deferred.pop(0))
 
   prefetch = 2
   try:
@@ -419,6 +503,8 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
         last_log = now
     if in_flight is not None:
       handle_outputs(*in_flight)
+    while deferred:
+      finish_device_paste(deferred.pop(0))
     drain(0)
   finally:
     loader.shutdown(wait=False, cancel_futures=True)
@@ -448,6 +534,13 @@ class _Done:
 # ------------------------------------------------------------------------------------------------
 
 
+def eval_setting(config: ml_collections.ConfigDict, key: str, default: Any) -> Any:
+  """config.eval.<key>, or `default` where the config has no such field."""
+  ev = config.get("eval", None)
+  value = ev.get(key, None) if ev is not None else None
+  return default if value is None else value
+
+
 def evaluate(config: ml_collections.ConfigDict, variables: Any, *, annotation_file: str,
              image_dir: str, workdir: Optional[str] = None, batch_size_per_device: int = 1,
              num_workers: int = 2, num_loader_threads: int = 4,
@@ -455,7 +548,8 @@ def evaluate(config: ml_collections.ConfigDict, variables: Any, *, annotation_fi
              max_images: Optional[int] = None, coco_workers: Optional[int] = None,
              mesh: Optional[Mesh] = None, precision: Any = None,
              log: Callable[[str], None] = _default_log,
-             progress_every_s: float = 30.0) -> Dict[str, Dict[str, float]]:
+             progress_every_s: float = 30.0, paste: Optional[str] = None,
+             scorer: Optional[str] = None) -> Dict[str, Dict[str, float]]:
   """COCO bbox and segm AP of `variables` on a COCO-format val set, on all devices and processes.
 
   Args:
@@ -470,12 +564,15 @@ def evaluate(config: ml_collections.ConfigDict, variables: Any, *, annotation_fi
     pad_multiple: see `run_inference` (default: data.size_divisibility, reference parity).
     per_class: add per-category AP ('AP-<name>') and print a per-class table.
     max_images: evaluate only the first N image ids (quick checks).
-    coco_workers: worker processes for COCOeval's per-image stage (identical numbers; default
-      num_workers; 0 or 1: serial pycocotools).
+    coco_workers: pycocotools scorer: worker processes for COCOeval's per-image stage (identical
+      numbers; default num_workers; 0 or 1: serial).
     mesh: 1-D mesh with axis 'data' (default: all devices).
     precision: model matmul / conv precision.
     log: where progress, the COCOeval summaries and the table go.
     progress_every_s: seconds between progress lines.
+    paste: 'device' | 'host' (`run_inference`; default config.eval.paste, else 'device').
+    scorer: 'auto' | 'faster_coco_eval' | 'pycocotools' (`coco_eval.resolve_scorer`; default
+      config.eval.scorer, else 'auto' = faster-coco-eval when installed).
 
   Returns:
     {'bbox': {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm',
@@ -486,31 +583,86 @@ def evaluate(config: ml_collections.ConfigDict, variables: Any, *, annotation_fi
     EmptyDatasetError, coco_eval.CategoryMismatchError, MissingImagesError (see
     `load_val_set`), host.ImageSizeMismatchError.
   """
-  gt, images, table = load_val_set(config, annotation_file, image_dir, max_images=max_images)
+  done = infer(config, variables, annotation_file=annotation_file, image_dir=image_dir,
+               batch_size_per_device=batch_size_per_device, num_workers=num_workers,
+               num_loader_threads=num_loader_threads, pad_multiple=pad_multiple,
+               max_images=max_images, mesh=mesh, precision=precision, log=log,
+               progress_every_s=progress_every_s, paste=paste)
   coco_workers = num_workers if coco_workers is None else int(coco_workers)
+  return score(config, done, workdir=workdir, per_class=per_class, coco_workers=coco_workers,
+               scorer=scorer, log=log)
+
+
+def evaluate_in_background(config: ml_collections.ConfigDict, variables: Any, *,
+                           executor: concurrent.futures.Executor, workdir: Optional[str] = None,
+                           per_class: bool = False, coco_workers: int = 0,
+                           scorer: Optional[str] = None,
+                           log: Callable[[str], None] = _default_log, **kwargs
+                           ) -> "concurrent.futures.Future[Dict[str, Dict[str, float]]]":
+  """`evaluate` whose scoring runs on `executor` (training's periodic evaluation).
+
+  The inference (devices, paste, RLE, gather across processes) runs now, in this thread, and this
+  returns as soon as it is done; COCOeval and the writing of workdir's files run on `executor` (a
+  thread pool: no collectives happen there). kwargs: `infer`'s.
+
+  Returns:
+    a Future of `evaluate`'s metrics.
+  """
+  done = infer(config, variables, log=log, **kwargs)
+  return executor.submit(score, config, done, workdir=workdir, per_class=per_class,
+                         coco_workers=coco_workers, scorer=scorer, log=log)
+
+
+@dataclasses.dataclass
+class Inferred:
+  """What `infer` hands to `score`."""
+  gt: Any  # pycocotools COCO
+  image_ids: List[int]
+  results: List[Dict[str, Any]]
+  stats: InferenceStats
+
+
+def infer(config: ml_collections.ConfigDict, variables: Any, *, annotation_file: str,
+          image_dir: str, batch_size_per_device: int = 1, num_workers: int = 2,
+          num_loader_threads: int = 4, pad_multiple: Optional[int] = None,
+          max_images: Optional[int] = None, mesh: Optional[Mesh] = None, precision: Any = None,
+          log: Callable[[str], None] = _default_log, progress_every_s: float = 30.0,
+          paste: Optional[str] = None, paste_chunk_tiles: int = 4096) -> Inferred:
+  """The val set's COCO results (`load_val_set` + `run_inference` with a worker pool)."""
+  gt, images, table = load_val_set(config, annotation_file, image_dir, max_images=max_images)
+  paste = str(paste or eval_setting(config, "paste", "device"))
   pool = None
-  if max(num_workers, coco_workers) > 0:
+  if num_workers > 0:
     pool = concurrent.futures.ProcessPoolExecutor(
-        max(num_workers, coco_workers), mp_context=multiprocessing.get_context("spawn"))
+        num_workers, mp_context=multiprocessing.get_context("spawn"))
   try:
     results, stats = run_inference(
         config, variables, images, table, batch_size_per_device=batch_size_per_device,
         num_workers=num_workers, num_loader_threads=num_loader_threads,
-        pad_multiple=pad_multiple, mesh=mesh, precision=precision,
-        executor=pool if num_workers > 0 else None, log=log, progress_every_s=progress_every_s)
-    t0 = time.perf_counter()
-    metrics = coco_eval.evaluate_results(
-        gt, results, image_ids=[im.image_id for im in images], per_class=per_class,
-        executor=pool if coco_workers > 1 else None, log=log)
-    t_coco = time.perf_counter() - t0
+        pad_multiple=pad_multiple, mesh=mesh, precision=precision, executor=pool, log=log,
+        progress_every_s=progress_every_s, paste=paste, paste_chunk_tiles=paste_chunk_tiles)
   finally:
     if pool is not None:
       pool.shutdown(wait=True, cancel_futures=True)
-  total = stats.wall + t_coco
-  log(f"evaluation: {len(images)} images in {total:.1f} s ({len(images) / total:.2f} img/s; "
-      f"inference {stats.wall:.1f} s, COCOeval {t_coco:.1f} s)")
+  return Inferred(gt, [im.image_id for im in images], results, stats)
+
+
+def score(config: ml_collections.ConfigDict, done: Inferred, *, workdir: Optional[str] = None,
+          per_class: bool = False, coco_workers: int = 0, scorer: Optional[str] = None,
+          log: Callable[[str], None] = _default_log) -> Dict[str, Dict[str, float]]:
+  """COCOeval of `infer`'s results; process 0 writes workdir's predictions.json / metrics.json."""
+  scorer = str(scorer or eval_setting(config, "scorer", "auto"))
+  t0 = time.perf_counter()
+  metrics = coco_eval.evaluate_results(
+      done.gt, done.results, image_ids=done.image_ids, per_class=per_class,
+      num_workers=coco_workers, log=log, scorer=scorer)
+  t_coco = time.perf_counter() - t0
+  n = len(done.image_ids)
+  total = done.stats.wall + t_coco
+  log(f"evaluation: {n} images in {total:.1f} s ({n / total:.2f} img/s; "
+      f"inference {done.stats.wall:.1f} s, COCOeval {t_coco:.1f} s)")
   if workdir and jax.process_index() == 0:
-    write_outputs(workdir, results, metrics)
+    write_outputs(workdir, done.results, metrics)
     log(f"wrote {os.path.join(workdir, 'predictions.json')} and "
         f"{os.path.join(workdir, 'metrics.json')}")
   return metrics

@@ -1,5 +1,10 @@
 """Host-side evaluation work that runs in worker processes: image loading, mask paste, RLE.
 
+Two ways to a detection's mask: `paste_and_encode` pastes the 28x28 probabilities here (the host
+paste, `config.eval.paste = 'host'`), `encode_tiles` unpacks the tiles the device pasted
+(ops/paste_device.py, the default); both RLE-encode from the box window and give identical
+results.
+
 numpy + cv2 / Pillow + pycocotools only (no JAX import), so that the spawned worker processes of
 `evaluation.evaluator` start fast and never touch the accelerator.
 
@@ -20,6 +25,7 @@ from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_format
 from maskrcnn_jax.ops import paste as paste_lib
+from maskrcnn_jax.ops import paste_plan
 
 
 def preprocess_kwargs(config) -> Dict[str, Any]:
@@ -136,12 +142,25 @@ def paste_window(prob: np.ndarray, box: np.ndarray, image_hw: Sequence[int],
   Returns:
     (y0, x0, window [h, w] bool).
   """
-  if conv.paste == "grid_sample":
-    return paste_lib.paste_mask_grid_sample(prob, box, image_hw, threshold=0.5,
-                                            inclusive=conv.mask_threshold_inclusive)
-  y0, x0, soft = paste_lib.paste_mask_tv_legacy(prob, box, image_hw)
-  thr = np.float32(0.5)
-  return y0, x0, (soft >= thr) if conv.mask_threshold_inclusive else (soft > thr)
+  return paste_lib.paste_mask(prob, box, image_hw, conv.paste, 0.5,
+                              conv.mask_threshold_inclusive)
+
+
+def _entries(job: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], Tuple[int, int]]:
+  """The COCO result dicts of a job's detections without 'segmentation' (and its image size)."""
+  conv = conventions_lib.get(job["convention"])
+  entries = coco_format.detections_to_coco(
+      int(job["image_id"]), job["boxes"], job["scores"], job["labels"], None,
+      category_ids=job["category_ids"], mask_scores=job.get("mask_scores"),
+      float64_subtract=conv.name == "mmdet")
+  return entries, tuple(int(v) for v in job["orig_hw"])
+
+
+def _set_segmentation(entry: Dict[str, Any], rle: Dict[str, Any]) -> None:
+  mask_score = entry.pop("mask_score", None)  # keeps the key order of the host path
+  entry["segmentation"] = rle
+  if mask_score is not None:
+    entry["mask_score"] = mask_score
 
 
 def paste_and_encode(job: Dict[str, Any]) -> Tuple[int, List[Dict[str, Any]], float]:
@@ -164,16 +183,29 @@ def paste_and_encode(job: Dict[str, Any]) -> Tuple[int, List[Dict[str, Any]], fl
   """
   t0 = time.perf_counter()
   conv = conventions_lib.get(job["convention"])
-  hw = tuple(int(v) for v in job["orig_hw"])
-  mask_scores = job.get("mask_scores")
-  entries = coco_format.detections_to_coco(
-      int(job["image_id"]), job["boxes"], job["scores"], job["labels"], None,
-      category_ids=job["category_ids"], mask_scores=mask_scores,
-      float64_subtract=conv.name == "mmdet")
+  entries, hw = _entries(job)
   for entry, prob, box in zip(entries, job["mask_probs"], job["paste_boxes"]):
     y0, x0, window = paste_window(prob, box, hw, conv)
-    mask_score = entry.pop("mask_score", None)
-    entry["segmentation"] = window_rle(window, y0, x0, hw)
-    if mask_score is not None:
-      entry["mask_score"] = mask_score
+    _set_segmentation(entry, window_rle(window, y0, x0, hw))
+  return int(job["image_id"]), entries, time.perf_counter() - t0
+
+
+def encode_tiles(job: Dict[str, Any]) -> Tuple[int, List[Dict[str, Any]], float]:
+  """COCO results of one image whose masks were pasted on the device (ops/paste_device.py).
+
+  Args:
+    job: as `paste_and_encode`'s, with instead of mask_probs / paste_boxes
+      windows [D, 4] int (y0, x0, h, w), grid [D, 2] int tiles down / across, first [D + 1] int
+      offsets of each detection's tiles in `tiles`, tiles [T, 32, 4] uint8 (`paste_plan`).
+
+  Returns:
+    (image_id, COCO result dicts, seconds): the same dicts as `paste_and_encode` gives for the
+    same detections.
+  """
+  t0 = time.perf_counter()
+  entries, hw = _entries(job)
+  windows, grid, first, tiles = job["windows"], job["grid"], job["first"], job["tiles"]
+  for i, entry in enumerate(entries):
+    window = paste_plan.unpack_window(tiles[first[i]:first[i + 1]], grid[i], windows[i, 2:])
+    _set_segmentation(entry, window_rle(window, int(windows[i, 0]), int(windows[i, 1]), hw))
   return int(job["image_id"]), entries, time.perf_counter() - t0

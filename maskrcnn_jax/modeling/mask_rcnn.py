@@ -103,6 +103,8 @@ class ModelConfig:
         continue  # host-side preprocessing
       if key == "dtype":
         continue  # compute dtype: the trainer casts the image (training/train_state.py)
+      if key == "backbone_init":
+        continue  # the ImageNet file training starts from (training/checkpointing.py)
       if key not in fields:
         raise ValueError(f"unknown config key model.{key}; valid keys: {sorted(fields)}")
       values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
@@ -417,13 +419,20 @@ class MaskRCNN(nn.Module):
     return out
 
   # ---- training ----
+  # `losses` runs the stages of detectron2's decomposition one after the other: `rpn_losses`
+  # (anchor matching + sampling, RPN losses), the training proposals, `label_and_sample_proposals`
+  # (R-CNN matching + sampling) and `roi_heads_losses` (box, mask and MaskIoU branches). The two
+  # random steps can be replaced by given samples (`samples`): the training-parity tests inject
+  # what a reference framework drew, and everything else is computed here.
 
   def losses(self, batch: Dict[str, jax.Array], rng: jax.Array, *,
              category_ids: Optional[Tuple[int, ...]] = None,
+             samples: Optional[Dict[str, jax.Array]] = None,
              rpn_batch_per_image: int = RPN_BATCH_PER_IMAGE,
              roi_batch_per_image: int = ROI_BATCH_PER_IMAGE,
              rpn_positive_fraction: float = RPN_POSITIVE_FRACTION,
              roi_positive_fraction: float = ROI_POSITIVE_FRACTION,
+             mask_rows_per_image: Optional[int] = None,
              ) -> tuple[jax.Array, Dict[str, jax.Array]]:
     """Train-mode forward: targets, sampling and the convention's losses (parity_spec 4).
 
@@ -437,15 +446,33 @@ class MaskRCNN(nn.Module):
         unpadded size; gt_boxes [B, M, 4] float32 xyxy resized pixels; gt_labels [B, M] int32
         contiguous 0..K-1 (mapped with `train_class_index`); gt_valid [B, M] bool; gt_crowd
         [B, M] bool (optional; crowd GTs are left out, as all three references do);
-        gt_masks [B, M, S, S] uint8 in {0, 1}, each instance's mask cropped to its gt box.
-      rng: PRNG key for the RPN and R-CNN samplers.
+        gt_masks [B, M, S, S] uint8 in {0, 1}, each instance's mask cropped to a box and
+        resampled to S x S; gt_mask_boxes [B, M, 4] float32 xyxy (optional, default gt_boxes):
+        the box each crop covers. The mask targets are exact when a crop is the bitmap itself:
+        an integer box of S x S pixels holding the whole instance (tests/test_parity_training.py).
+      rng: PRNG key for the RPN and R-CNN samplers (unused by a step whose samples are given).
       category_ids: bg_first layouts only: the label -> class index table (see
         `train_class_index`); static.
+      samples: optional dict replacing the random steps by given ones (A = all anchors of the
+        padded size in `image_anchors` order, P = proposals per image, R = RoIs per image):
+        * rpn_pos, rpn_neg [B, A] bool: the sampled positive / negative anchors;
+        * proposals [B, P, 4] float32 xyxy (resized pixels), proposals_valid [B, P] bool: the
+          proposals of the R-CNN stage (the GT boxes are appended here), in place of ours;
+        * roi_index [B, R] int32, roi_valid [B, R] bool (needs `proposals`): the sampled RoIs
+          as indices into proposals ++ gt_boxes (P + M candidates), at most
+          int(roi_batch_per_image * roi_positive_fraction) of them positive and R <=
+          roi_batch_per_image.
+        Matching, box encoding, mask targets and losses are computed as always; a given sample
+        is positive or negative by our own matcher.
       rpn_batch_per_image, roi_batch_per_image: sampler sizes (static; the references' 256 and
         512 by default).
       rpn_positive_fraction, roi_positive_fraction: the samplers' foreground shares (static;
         0.5 and 0.25 as in every reference: detectron2 MODEL.RPN.POSITIVE_FRACTION /
         MODEL.ROI_HEADS.POSITIVE_FRACTION, mmdet `sampler.pos_fraction`).
+      mask_rows_per_image: static number of RoI rows per image the mask branch runs on (the
+        positives come first); None: int(roi_batch_per_image * roi_positive_fraction), the most
+        the sampler draws. Given samples may use a bound of their positive count instead (the
+        mask head's work on empty rows is saved); positives beyond it would be left out.
 
     Returns:
       (total, terms): total float32 scalar = the sum of the terms whose key starts with "loss_"
@@ -453,57 +480,143 @@ class MaskRCNN(nn.Module):
       Scoring R-CNN); terms also holds statistics without gradient: num_pos_anchors,
       num_fg_rois (means per image), cls_accuracy, fg_cls_accuracy.
     """
-    from maskrcnn_jax.training import losses as losses_lib  # training imports modeling
-
-    cfg, conv = self.cfg, self.cfg.conv
+    samples = _check_samples(samples)
+    cfg = self.cfg
     images = batch["image"]
-    n, hp, wp = images.shape[:3]
+    n = images.shape[0]
     image_hw = jnp.asarray(batch["image_hw"], jnp.int32)
     gt_boxes = jnp.asarray(batch["gt_boxes"], jnp.float32)
-    gt_valid = targets_lib.usable_gt(gt_boxes, batch["gt_valid"], batch.get("gt_crowd"))
-    gt_classes = train_class_index(cfg, batch["gt_labels"], category_ids)
+    gt = dict(boxes=gt_boxes,
+              valid=targets_lib.usable_gt(gt_boxes, batch["gt_valid"], batch.get("gt_crowd")),
+              classes=train_class_index(cfg, batch["gt_labels"], category_ids))
     rng_rpn, rng_roi = jax.random.split(rng)
 
     feats = self.features(images)
     logits, deltas = self.rpn_outputs(feats)
     anchors = image_anchors(cfg, self._padded_hw(feats))
-
-    # RPN.
-    all_anchors = jnp.asarray(np.concatenate(anchors, axis=0))
-    rpn_t = jax.vmap(
-        lambda g, v, r: targets_lib.rpn_targets(
-            all_anchors, g, v, r, convention=conv, num_samples=rpn_batch_per_image,
-            positive_fraction=rpn_positive_fraction))(
-                gt_boxes, gt_valid, jax.random.split(rng_rpn, n))
-    terms = losses_lib.rpn_losses(
-        jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), rpn_t["pos"],
-        rpn_t["neg"], rpn_t["box_targets"], convention=conv,
-        num_samples_per_image=rpn_batch_per_image)
+    terms, rpn_pos = self.rpn_losses(logits, deltas, anchors, gt, rng_rpn, samples,
+                                     num_samples=rpn_batch_per_image,
+                                     positive_fraction=rpn_positive_fraction)
 
     # Proposals (no gradient) and R-CNN sampling.
-    fn = lambda lg, dl, hw: rpn_lib.train_proposals(
-        lg, dl, anchors, hw, convention=conv, pre_nms_topk=cfg.rpn_pre_nms_topk_train,
-        post_nms_topk=cfg.rpn_post_nms_topk_train, nms_thresh=cfg.rpn_nms_thresh,
-        nms_trick_max_boxes=cfg.trick_max_boxes)
-    props, _, props_valid = jax.vmap(fn)(logits, deltas, image_hw)
-    roi_t = jax.vmap(
-        lambda p, pv, g, c, v, r: targets_lib.roi_targets(
-            p, pv, g, c, v, r, convention=conv, bbox_reg_weights=tuple(cfg.bbox_reg_weights),
-            background_class=background_class(cfg), num_samples=roi_batch_per_image,
-            positive_fraction=roi_positive_fraction))(
-                props, props_valid, gt_boxes, gt_classes, gt_valid,
-                jax.random.split(rng_roi, n))
-    roi_t = jax.lax.stop_gradient(roi_t)
+    if "proposals" in samples:
+      props = jnp.asarray(samples["proposals"], jnp.float32)
+      props_valid = jnp.asarray(samples["proposals_valid"], bool)
+    else:
+      fn = lambda lg, dl, hw: rpn_lib.train_proposals(
+          lg, dl, anchors, hw, convention=cfg.conv, pre_nms_topk=cfg.rpn_pre_nms_topk_train,
+          post_nms_topk=cfg.rpn_post_nms_topk_train, nms_thresh=cfg.rpn_nms_thresh,
+          nms_trick_max_boxes=cfg.trick_max_boxes)
+      props, _, props_valid = jax.vmap(fn)(logits, deltas, image_hw)
+    roi_t = self.label_and_sample_proposals(props, props_valid, gt, rng_roi, samples,
+                                            num_samples=roi_batch_per_image,
+                                            positive_fraction=roi_positive_fraction)
+    cls_logits, roi_terms = self.roi_heads_losses(
+        feats, roi_t, gt, batch,
+        num_mask_rows=(int(roi_batch_per_image * roi_positive_fraction)
+                       if mask_rows_per_image is None else int(mask_rows_per_image)))
+    terms.update(roi_terms)
+
+    total = sum(v for k, v in terms.items() if k.startswith("loss_"))
+    # Statistics (d2 logs fast_rcnn/cls_accuracy and fg_cls_accuracy).
+    pred = jnp.argmax(jax.lax.stop_gradient(cls_logits), axis=-1)
+    correct = (pred == roi_t["classes"]).astype(jnp.float32)
+    valid_f, pos_f = roi_t["valid"].astype(jnp.float32), roi_t["pos"].astype(jnp.float32)
+    terms["num_pos_anchors"] = jnp.sum(rpn_pos) / n
+    terms["num_fg_rois"] = jnp.sum(pos_f) / n
+    terms["cls_accuracy"] = jnp.sum(correct * valid_f) / jnp.maximum(jnp.sum(valid_f), 1.0)
+    terms["fg_cls_accuracy"] = jnp.sum(correct * pos_f) / jnp.maximum(jnp.sum(pos_f), 1.0)
+    return total, terms
+
+  def rpn_losses(self, logits, deltas, anchors, gt, rng, samples, *, num_samples: int,
+                 positive_fraction: float):
+    """RPN stage of `losses`: anchor matching, sampling (or `samples['rpn_pos' / 'rpn_neg']`)
+    and the RPN losses (detectron2 `RPN.losses`).
+
+    Args: logits / deltas per level ([B, A_l], [B, A_l, 4], `rpn_outputs`); anchors per level
+      ([A_l, 4] numpy, `image_anchors`); gt dict (boxes [B, M, 4], valid [B, M], classes); rng;
+      samples (see `losses`); the sampler's num_samples / positive_fraction per image.
+    Returns: (dict(loss_rpn_cls, loss_rpn_box), pos [B, A] bool sampled positives).
+    """
+    from maskrcnn_jax.training import losses as losses_lib  # training imports modeling
+
+    conv = self.cfg.conv
+    n = logits[0].shape[0]
+    all_anchors = jnp.asarray(np.concatenate(anchors, axis=0))
+    if "rpn_pos" in samples:
+      pos = jnp.asarray(samples["rpn_pos"], bool)
+      neg = jnp.asarray(samples["rpn_neg"], bool)
+      if pos.shape != (n, all_anchors.shape[0]) or neg.shape != pos.shape:
+        raise ValueError(f"samples['rpn_pos'] / ['rpn_neg'] must be [{n}, {all_anchors.shape[0]}]"
+                         f" (all anchors), got {pos.shape} / {neg.shape}")
+      matches = jax.vmap(lambda g, v: targets_lib.rpn_match(all_anchors, g, v, convention=conv)[0])(
+          gt["boxes"], gt["valid"])
+      box_targets = jax.vmap(lambda g, m, p: targets_lib.rpn_sampled_targets(
+          all_anchors, g, m, p, convention=conv))(gt["boxes"], matches, pos)
+    else:
+      rpn_t = jax.vmap(
+          lambda g, v, r: targets_lib.rpn_targets(
+              all_anchors, g, v, r, convention=conv, num_samples=num_samples,
+              positive_fraction=positive_fraction))(gt["boxes"], gt["valid"],
+                                                    jax.random.split(rng, n))
+      pos, neg, box_targets = rpn_t["pos"], rpn_t["neg"], rpn_t["box_targets"]
+    terms = losses_lib.rpn_losses(
+        jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), pos, neg, box_targets,
+        convention=conv, num_samples_per_image=num_samples)
+    return terms, pos
+
+  def label_and_sample_proposals(self, proposals, proposals_valid, gt, rng, samples, *,
+                                 num_samples: int, positive_fraction: float):
+    """R-CNN sampling stage of `losses` (detectron2 `ROIHeads.label_and_sample_proposals`).
+
+    proposals [B, P, 4], proposals_valid [B, P]; gt as in `rpn_losses`; `samples['roi_index' /
+    'roi_valid']` replace the sampler. Returns the `targets.roi_rows` dict of [B, R] rows
+    (positives first), without gradient.
+    """
+    cfg, conv = self.cfg, self.cfg.conv
+    n = proposals.shape[0]
+    cand = jax.vmap(lambda p, pv, g, v: targets_lib.roi_candidates(
+        p, pv, g, v, convention=conv))(proposals, proposals_valid, gt["boxes"], gt["valid"])
+    if "roi_index" in samples:
+      index = jnp.asarray(samples["roi_index"], jnp.int32)
+      index_valid = jnp.asarray(samples["roi_valid"], bool)
+      if index.shape[1] > num_samples:
+        raise ValueError(f"samples['roi_index'] has {index.shape[1]} RoIs per image, more than "
+                         f"roi_batch_per_image = {num_samples}")
+    else:
+      index, index_valid = jax.vmap(lambda lab, v, r: targets_lib.sample_rois(
+          lab, v, r, num_samples=num_samples, positive_fraction=positive_fraction))(
+              cand["labels"], cand["valid"], jax.random.split(rng, n))
+    roi_t = jax.vmap(lambda c, i, iv, g, cl: targets_lib.roi_rows(
+        c, i, iv, g, cl, convention=conv, bbox_reg_weights=tuple(cfg.bbox_reg_weights),
+        background_class=background_class(cfg)))(cand, index, index_valid, gt["boxes"],
+                                                 gt["classes"])
+    return jax.lax.stop_gradient(roi_t)
+
+  def roi_heads_losses(self, feats, roi_t, gt, batch, *, num_mask_rows: int):
+    """Box, mask and MaskIoU branches of `losses` on sampled RoIs (detectron2 `_forward_box`,
+    `_forward_mask`).
+
+    Args: feats (`features`); roi_t (`label_and_sample_proposals`, positives in the first
+      `num_mask_rows` rows); gt as in `rpn_losses`; batch (gt_masks, optional gt_mask_boxes,
+      image_hw; see `losses`).
+    Returns: (class logits [B, R, K_cls], dict(loss_cls, loss_box, loss_mask[, loss_mask_iou])).
+    """
+    from maskrcnn_jax.training import losses as losses_lib  # training imports modeling
+
+    cfg, conv = self.cfg, self.cfg.conv
+    n = roi_t["rois"].shape[0]
+    image_hw = jnp.asarray(batch["image_hw"], jnp.int32)
     # C4: res5 runs once on the sampled RoIs; the mask branch reuses the rows of the positives.
     res5 = (self.res5_features(feats, roi_t["rois"], roi_t["valid"]) if cfg.arch == "C4"
             else None)
     cls_logits, box_deltas = self.box_branch(feats, roi_t["rois"], roi_t["valid"], res5)
-    terms.update(losses_lib.rcnn_losses(
+    terms = losses_lib.rcnn_losses(
         cls_logits, box_deltas, roi_t["classes"], roi_t["valid"], roi_t["pos"],
-        roi_t["box_targets"], roi_t["classes"], convention=conv))
+        roi_t["box_targets"], roi_t["classes"], convention=conv)
 
-    # Masks on the positive rows (the first int(512 * 0.25) rows hold every positive).
-    p = int(roi_batch_per_image * roi_positive_fraction)
+    # Masks on the positive rows (the first num_mask_rows rows hold every positive).
+    p = num_mask_rows
     m_rois, m_pos = roi_t["rois"][:, :p], roi_t["pos"][:, :p]
     m_gt = roi_t["matched_gt"][:, :p]
     m_channel = jnp.where(m_pos, roi_t["classes"][:, :p], 0)
@@ -512,26 +625,38 @@ class MaskRCNN(nn.Module):
       r = roi_t["rois"].shape[1]
       m_res5 = res5.reshape((n, r) + res5.shape[1:])[:, :p].reshape((n * p,) + res5.shape[1:])
     mask_logits, mask_iou = self.mask_branch(feats, m_rois, m_channel, m_pos, m_res5)
-    m_gt_boxes = jnp.take_along_axis(gt_boxes, m_gt[..., None], axis=1)
+    crop_boxes = jnp.asarray(batch.get("gt_mask_boxes", gt["boxes"]), jnp.float32)
+    m_crop_boxes = jnp.take_along_axis(crop_boxes, m_gt[..., None], axis=1)
     crops = jax.vmap(lambda c, i: c[i])(jnp.asarray(batch["gt_masks"]), m_gt)
     canvas = mask_canvas_hw(cfg, image_hw)
     settings = targets_lib.mask_target_settings(conv)
     m_targets = jax.vmap(lambda r, g, c, hw: targets_lib.mask_targets(
         r, g, c, hw, max_grid=cfg.roi_align_max_grid, output_size=cfg.mask_size, **settings))(
-            m_rois, m_gt_boxes, crops, canvas)
+            m_rois, m_crop_boxes, crops, canvas)
     terms["loss_mask"] = losses_lib.mask_loss(mask_logits, m_targets, m_pos)
     if cfg.mask_scoring:
-      frac = jax.vmap(targets_lib.mask_area_fraction)(m_rois, m_gt_boxes, crops, canvas)
+      frac = jax.vmap(targets_lib.mask_area_fraction)(m_rois, m_crop_boxes, crops, canvas)
       iou_t = targets_lib.maskiou_targets(jax.lax.stop_gradient(mask_logits), m_targets, frac)
       terms["loss_mask_iou"] = losses_lib.maskiou_loss(mask_iou, iou_t, m_pos)
+    return cls_logits, terms
 
-    total = sum(v for k, v in terms.items() if k.startswith("loss_"))
-    # Statistics (d2 logs fast_rcnn/cls_accuracy and fg_cls_accuracy).
-    pred = jnp.argmax(jax.lax.stop_gradient(cls_logits), axis=-1)
-    correct = (pred == roi_t["classes"]).astype(jnp.float32)
-    valid_f, pos_f = roi_t["valid"].astype(jnp.float32), roi_t["pos"].astype(jnp.float32)
-    terms["num_pos_anchors"] = jnp.sum(rpn_t["pos"]) / n
-    terms["num_fg_rois"] = jnp.sum(pos_f) / n
-    terms["cls_accuracy"] = jnp.sum(correct * valid_f) / jnp.maximum(jnp.sum(valid_f), 1.0)
-    terms["fg_cls_accuracy"] = jnp.sum(correct * pos_f) / jnp.maximum(jnp.sum(pos_f), 1.0)
-    return total, terms
+
+SAMPLE_GROUPS = (("rpn_pos", "rpn_neg"), ("proposals", "proposals_valid"),
+                 ("roi_index", "roi_valid"))
+
+
+def _check_samples(samples) -> Dict[str, Any]:
+  """`MaskRCNN.losses`' samples: known keys, in complete groups, roi_index only with proposals."""
+  samples = dict(samples or {})
+  known = {k for g in SAMPLE_GROUPS for k in g}
+  unknown = sorted(set(samples) - known)
+  if unknown:
+    raise ValueError(f"unknown samples {unknown}; expected groups {SAMPLE_GROUPS}")
+  for group in SAMPLE_GROUPS:
+    given = [k for k in group if k in samples]
+    if given and len(given) != len(group):
+      raise ValueError(f"samples {given} given without {sorted(set(group) - set(given))}")
+  if "roi_index" in samples and "proposals" not in samples:
+    raise ValueError("samples['roi_index'] indexes proposals ++ gt_boxes: give samples['proposals']"
+                     " too")
+  return samples

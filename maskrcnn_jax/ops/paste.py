@@ -262,14 +262,31 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int], *
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
   ih, iw = int(image_hw[0]), int(image_hw[1])
   out = np.zeros((len(boxes), ih, iw), bool)
-  thr = np.float32(threshold)
   for i, (mask, box) in enumerate(zip(masks, boxes)):
-    if method == "grid_sample":
-      y0, x0, soft = paste_mask_grid_sample_soft(mask, box, (ih, iw), inf_to_zero=inf_to_zero)
-    elif method == "tv_legacy":
-      y0, x0, soft = paste_mask_tv_legacy(mask, box, (ih, iw))
-    else:
-      raise ValueError(f"unknown paste method {method!r}; expected 'grid_sample' or 'tv_legacy'")
-    binary = (soft >= thr) if inclusive else (soft > thr)
-    out[i, y0:y0 + soft.shape[0], x0:x0 + soft.shape[1]] = binary
+    y0, x0, binary = paste_mask(mask, box, (ih, iw), method, threshold, inclusive, inf_to_zero)
+    out[i, y0:y0 + binary.shape[0], x0:x0 + binary.shape[1]] = binary
   return out
+
+
+def paste_mask(mask: np.ndarray, box: np.ndarray, image_hw: Sequence[int], method: str,
+               threshold: float = 0.5, inclusive: bool = True, inf_to_zero: bool = True
+               ) -> Tuple[int, int, np.ndarray]:
+  """Binary pasted mask of one detection, either algorithm and threshold rule.
+
+  Args:
+    mask: [M, M] float32 probabilities. box: [4] float32 xyxy in original-image pixels.
+    image_hw: (H, W). method: 'grid_sample' | 'tv_legacy'. threshold, inclusive: soft >= threshold
+      (inclusive) or soft > threshold. inf_to_zero: grid_sample only
+      (`paste_mask_grid_sample_soft`).
+
+  Returns:
+    (y0, x0, window [h, w] bool), as `paste_mask_grid_sample`.
+  """
+  if method == "grid_sample":
+    y0, x0, soft = paste_mask_grid_sample_soft(mask, box, image_hw, inf_to_zero=inf_to_zero)
+  elif method == "tv_legacy":
+    y0, x0, soft = paste_mask_tv_legacy(mask, box, image_hw)
+  else:
+    raise ValueError(f"unknown paste method {method!r}; expected 'grid_sample' or 'tv_legacy'")
+  thr = np.float32(threshold)
+  return y0, x0, (soft >= thr) if inclusive else (soft > thr)

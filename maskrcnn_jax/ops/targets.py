@@ -62,15 +62,46 @@ def _safe_encode(src, gt, ok, *, form, weights):
   return jnp.where(ok[:, None], box_coder.encode(src, gt, form=form, weights=weights), 0.0)
 
 
+def rpn_match(anchors, gt_boxes, gt_valid, *, convention: conventions_lib.Convention):
+  """Matches every anchor of one image to the GTs (parity_spec 4.1, RPN rows).
+
+  mmdet MaxIoUAssigner(pos 0.7, neg 0.3, min_pos_iou 0.3, low-quality with all ties, re-pointing
+  to the last tied GT); detectron2 Matcher([0.3, 0.7], [0, -1, 1], low-quality on); torchvision's
+  Matcher(0.7, 0.3, low-quality) decides the same as detectron2. All anchors take part (mmdet
+  allowed_border = -1, d2 BOUNDARY_THRESH = -1).
+
+  Args:
+    anchors: [A, 4] float32 xyxy padded-image pixels, all levels concatenated.
+    gt_boxes: [M, 4] float32 xyxy.
+    gt_valid: [M] bool, already `usable_gt` (crowd and padding excluded).
+    convention: selects the matcher.
+
+  Returns:
+    matches [A] int32 (GT index of each anchor, meaningful for foreground), labels [A] int32
+    (1 fg, 0 bg, -1 ignore), as `matcher.match`.
+  """
+  iou = boxes_lib.pairwise_iou(jnp.asarray(gt_boxes, jnp.float32),
+                               jnp.asarray(anchors, jnp.float32))
+  form = _matcher_form(convention)
+  kw = dict(min_pos_iou=RPN_MIN_POS_IOU) if form == "mmdet" else {}
+  return matcher.match(iou, gt_valid, form=form, high=RPN_POS_IOU, low=RPN_NEG_IOU,
+                       allow_low_quality=True, **kw)
+
+
+def rpn_sampled_targets(anchors, gt_boxes, matches, pos, *,
+                        convention: conventions_lib.Convention):
+  """[A, 4] float32 regression targets (dx, dy, dw, dh) of the sampled positive anchors `pos`
+  [A] bool towards their matched GT (`matches` [A] int32); 0 elsewhere. The RPN coder has unit
+  weights / stds in every reference."""
+  gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+  return _safe_encode(jnp.asarray(anchors, jnp.float32), gt_boxes[matches], pos,
+                      form=convention.box_coder, weights=(1.0, 1.0, 1.0, 1.0))
+
+
 def rpn_targets(anchors, gt_boxes, gt_valid, rng, *, convention: conventions_lib.Convention,
                 num_samples: int = 256, positive_fraction: float = 0.5):
-  """Anchor labels and regression targets of one image (parity_spec 4.1, RPN rows).
-
-  Matching: mmdet MaxIoUAssigner(pos 0.7, neg 0.3, min_pos_iou 0.3, low-quality with all ties,
-  re-pointing to the last tied GT); detectron2 Matcher([0.3, 0.7], [0, -1, 1], low-quality on);
-  torchvision's Matcher(0.7, 0.3, low-quality) decides the same as detectron2. All anchors take
-  part (mmdet allowed_border = -1, d2 BOUNDARY_THRESH = -1). Sampling: `num_samples` with
-  `positive_fraction` positives, no GT added. Deltas use the RPN coder with unit weights / stds.
+  """Anchor labels and regression targets of one image: `rpn_match`, the sampler
+  (`num_samples` with `positive_fraction` positives, no GT added), `rpn_sampled_targets`.
 
   Args:
     anchors: [A, 4] float32 xyxy padded-image pixels, all levels concatenated.
@@ -85,54 +116,36 @@ def rpn_targets(anchors, gt_boxes, gt_valid, rng, *, convention: conventions_lib
     matched_gt [A] int32: GT index of each anchor (meaningful for positives);
     labels [A] int32: matcher labels before sampling (1 fg, 0 bg, -1 ignore).
   """
-  anchors = jnp.asarray(anchors, jnp.float32)
-  gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
-  iou = boxes_lib.pairwise_iou(gt_boxes, anchors)
-  form = _matcher_form(convention)
-  kw = dict(min_pos_iou=RPN_MIN_POS_IOU) if form == "mmdet" else {}
-  matches, labels = matcher.match(iou, gt_valid, form=form, high=RPN_POS_IOU, low=RPN_NEG_IOU,
-                                  allow_low_quality=True, **kw)
+  matches, labels = rpn_match(anchors, gt_boxes, gt_valid, convention=convention)
   pos, neg = sampler.sample_labels(labels, jnp.ones(labels.shape, bool), rng,
                                    num_samples=num_samples, positive_fraction=positive_fraction)
-  box_targets = _safe_encode(anchors, gt_boxes[matches], pos, form=convention.box_coder,
-                             weights=(1.0, 1.0, 1.0, 1.0))
+  box_targets = rpn_sampled_targets(anchors, gt_boxes, matches, pos, convention=convention)
   return dict(pos=pos, neg=neg, box_targets=box_targets, matched_gt=matches, labels=labels)
 
 
-def roi_targets(proposals, proposals_valid, gt_boxes, gt_classes, gt_valid, rng, *,
-                convention: conventions_lib.Convention, bbox_reg_weights, background_class: int,
-                num_samples: int = 512, positive_fraction: float = 0.25):
-  """Samples the RoIs of one image and gives their class and box targets (parity_spec 4.1).
+def roi_candidates(proposals, proposals_valid, gt_boxes, gt_valid, *,
+                   convention: conventions_lib.Convention):
+  """The R-CNN candidates of one image (proposals, then the GT boxes) matched to the GTs.
 
   The GT boxes are added to the proposals, as all three references do (mmdet
-  `add_gt_as_proposals`, d2 PROPOSAL_APPEND_GT, torchvision `add_gt_proposals`).
-  Matching at IoU 0.5:
+  `add_gt_as_proposals`, which puts them first; d2 PROPOSAL_APPEND_GT and torchvision
+  `add_gt_proposals`, which append them). Matching at IoU 0.5:
   * mmdet: MaxIoUAssigner(pos 0.5, neg 0.5, min_pos_iou 0.5, match_low_quality=True) on the
     proposals alone; the added GTs are then positives matched to themselves
     (`AssignResult.add_gt_`), so they do not enter the low-quality step.
   * detectron2 / torchvision: Matcher([0.5], [0, 1]) without low-quality matching over proposals
     and GTs together (a GT box matches itself unless an identical GT comes first).
-  Sampling: `num_samples` RoIs, `positive_fraction` positive.
 
   Args:
     proposals: [P, 4] float32 xyxy (resized-image pixels); stop-gradient'ed by the caller.
     proposals_valid: [P] bool.
     gt_boxes: [M, 4] float32 xyxy.
-    gt_classes: [M] int32 class index in the model's layout (bg_last: 0..K-1; bg_first: 1..).
     gt_valid: [M] bool, already `usable_gt`.
-    rng: PRNG key of the sampler.
-    convention: matcher form and box-coder form.
-    bbox_reg_weights: 4 floats in the coder's form: stds (0.1, 0.1, 0.2, 0.2) for mmdet,
-      weights (10, 10, 5, 5) for d2 / torchvision.
-    background_class: the layout's background index (bg_last: K; bg_first: 0).
+    convention: matcher form.
 
-  Returns dict of [R = num_samples] rows; the sampled positives come first (rows
-  0 .. #pos - 1, at most int(num_samples * positive_fraction)), then the negatives, then padding:
-    rois [R, 4] float32; valid [R] bool (sampled); pos [R] bool;
-    classes [R] int32 (GT class for positives, background_class otherwise);
-    matched_gt [R] int32 (GT index, meaningful for positives);
-    box_targets [R, 4] float32 (class-specific regression target of the GT class, 0 for
-    non-positives).
+  Returns dict of [P + M] rows (candidate p < P is proposal p, P + m is GT m):
+    boxes [P + M, 4] float32 (invalid proposals zeroed); valid [P + M] bool;
+    matches [P + M] int32 GT index; labels [P + M] int32 (1 fg, 0 bg, -1 unusable).
   """
   proposals = jnp.asarray(proposals, jnp.float32)
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
@@ -158,20 +171,84 @@ def roi_targets(proposals, proposals_valid, gt_boxes, gt_classes, gt_valid, rng,
     iou = jnp.where(cand_valid[None, :], iou, -1.0)
     matches, labels = matcher.match(iou, gt_valid, form="detectron2", high=ROI_IOU, low=ROI_IOU,
                                     allow_low_quality=False)
-  pos, neg = sampler.sample_labels(labels, cand_valid, rng, num_samples=num_samples,
+  return dict(boxes=cand, valid=cand_valid, matches=matches, labels=labels)
+
+
+def sample_rois(labels, valid, rng, *, num_samples: int, positive_fraction: float):
+  """Draws the RoIs of one image from its candidates (`roi_candidates`).
+
+  Args:
+    labels: [N] int32 candidate labels; valid: [N] bool; rng: PRNG key of the sampler.
+    num_samples, positive_fraction: static, the references' 512 and 0.25.
+
+  Returns:
+    index [num_samples] int32 into the candidates, valid [num_samples] bool: the sampled
+    positives first, then the negatives, each in candidate order, then padding.
+  """
+  pos, neg = sampler.sample_labels(labels, valid, rng, num_samples=num_samples,
                                    positive_fraction=positive_fraction)
-  # Compact: positives, then negatives, then the rest, each in index order (stable sort).
   rank = jnp.where(pos, 0, jnp.where(neg, 1, 2)).astype(jnp.int32)
-  order = jnp.argsort(rank, stable=True)[:num_samples]
-  rois = cand[order]
-  r_pos = pos[order]
-  r_valid = r_pos | neg[order]
-  r_match = matches[order]
+  index = jnp.argsort(rank, stable=True)[:num_samples].astype(jnp.int32)
+  return index, (pos | neg)[index]
+
+
+def roi_rows(cand, index, index_valid, gt_boxes, gt_classes, *,
+             convention: conventions_lib.Convention, bbox_reg_weights, background_class: int):
+  """Class and box targets of the RoIs `cand[index]` of one image.
+
+  The rows are reordered positives first (stable): `MaskRCNN.losses` runs the mask branch on the
+  first int(num_samples * positive_fraction) rows. A row is positive when it is valid and its
+  candidate's label is 1 (so an injected sample is classified by our own matcher).
+
+  Args:
+    cand: `roi_candidates` output.
+    index: [R] int32 candidate index of each RoI; index_valid: [R] bool.
+    gt_boxes: [M, 4] float32 xyxy.
+    gt_classes: [M] int32 class index in the model's layout (bg_last: 0..K-1; bg_first: 1..).
+    convention: box-coder form.
+    bbox_reg_weights: 4 floats in the coder's form: stds (0.1, 0.1, 0.2, 0.2) for mmdet,
+      weights (10, 10, 5, 5) for d2 / torchvision.
+    background_class: the layout's background index (bg_last: K; bg_first: 0).
+
+  Returns dict of [R] rows:
+    rois [R, 4] float32; valid [R] bool (sampled); pos [R] bool;
+    classes [R] int32 (GT class for positives, background_class otherwise);
+    matched_gt [R] int32 (GT index, meaningful for positives);
+    box_targets [R, 4] float32 (class-specific regression target of the GT class, 0 for
+    non-positives).
+  """
+  gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+  index = jnp.asarray(index, jnp.int32)
+  index_valid = jnp.asarray(index_valid, bool)
+  pos = index_valid & (cand["labels"][index] == 1)
+  order = jnp.argsort(jnp.where(pos, 0, jnp.where(index_valid, 1, 2)), stable=True)
+  index, r_valid, r_pos = index[order], index_valid[order], pos[order]
+  rois = cand["boxes"][index]
+  r_match = cand["matches"][index]
   classes = jnp.where(r_pos, jnp.asarray(gt_classes, jnp.int32)[r_match], background_class)
   box_targets = _safe_encode(rois, gt_boxes[r_match], r_pos, form=convention.box_coder,
                              weights=tuple(bbox_reg_weights))
   return dict(rois=jnp.where(r_valid[:, None], rois, 0.0), valid=r_valid, pos=r_pos,
               classes=classes.astype(jnp.int32), matched_gt=r_match, box_targets=box_targets)
+
+
+def roi_targets(proposals, proposals_valid, gt_boxes, gt_classes, gt_valid, rng, *,
+                convention: conventions_lib.Convention, bbox_reg_weights, background_class: int,
+                num_samples: int = 512, positive_fraction: float = 0.25):
+  """Samples the RoIs of one image and gives their class and box targets (parity_spec 4.1):
+  `roi_candidates`, `sample_rois` (`num_samples` RoIs, `positive_fraction` positive), `roi_rows`.
+
+  Args: those of the three steps (proposals [P, 4], proposals_valid [P], gt_boxes [M, 4],
+    gt_classes [M], gt_valid [M], rng).
+
+  Returns the `roi_rows` dict of [R = num_samples] rows; the sampled positives come first (rows
+  0 .. #pos - 1, at most int(num_samples * positive_fraction)), then the negatives, then padding.
+  """
+  cand = roi_candidates(proposals, proposals_valid, gt_boxes, gt_valid, convention=convention)
+  index, valid = sample_rois(cand["labels"], cand["valid"], rng, num_samples=num_samples,
+                             positive_fraction=positive_fraction)
+  return roi_rows(cand, index, valid, gt_boxes, gt_classes, convention=convention,
+                  bbox_reg_weights=bbox_reg_weights, background_class=background_class)
 
 
 # ---------------------------------------------------------------------------------------------

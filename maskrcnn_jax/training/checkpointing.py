@@ -111,6 +111,26 @@ class Checkpointer:
     self._manager.close()
 
 
+def load_step_variables(step_dir: str) -> Dict[str, Any]:
+  """{'params', 'batch_stats'} of one training checkpoint `<workdir>/checkpoints/<step>` as numpy.
+
+  Only those two items of the saved TrainState are read (orbax partial restore; the optimizer
+  state stays on disk), with no device placement, so any machine can read any run's checkpoint.
+  """
+  path = os.path.join(os.path.abspath(step_dir), "state")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    wanted = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                          wanted)
+    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                          partial_restore=True))
+  out = dict(out)
+  out.setdefault("batch_stats", {})
+  return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Initialization from a converted or zoo checkpoint (config.init)
 # ------------------------------------------------------------------------------------------------
@@ -220,3 +240,101 @@ def load_init(config: ml_collections.ConfigDict, variables: Dict[str, Any], sour
     logger.info("config.init: %d -> %d classes: re-initialised %s", src_classes, num_classes,
                 ", ".join(reinit))
   return traverse_util.unflatten_dict(out), reinit
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialization from the recipe's ImageNet backbone (config.model.backbone_init)
+# ------------------------------------------------------------------------------------------------
+
+# The modules an ImageNet file fills: the ResNet, and res5 in the RoI head of the C4 architecture.
+BACKBONE_MODULES = ("backbone", "roi_res5")
+
+
+def has_checkpoint(directory: str) -> bool:
+  """Whether `directory` (a run's checkpoints/ folder) holds a complete step (orbax writes each
+  into a temporary folder and renames it to the step number when done)."""
+  return os.path.isdir(directory) and any(
+      name.isdigit() and os.path.isdir(os.path.join(directory, name))
+      for name in os.listdir(directory))
+
+
+def resolve_backbone_init(config: ml_collections.ConfigDict):
+  """(path, catalogue entry or None) of config.model.backbone_init; raises
+  `backbones.BackboneInitError` naming the file and its link when it is not on disk."""
+  from maskrcnn_jax.checkpoints import backbones
+  return backbones.resolve(str(config.model.backbone_init))
+
+
+def read_backbone_init(config: ml_collections.ConfigDict,
+                       shapes: Dict[Tuple[str, ...], Tuple[int, ...]], *,
+                       path: Optional[str] = None, entry: Any = None
+                       ) -> Tuple[Dict[Tuple[str, ...], np.ndarray], str]:
+  """Reads and checks the ImageNet file of config.model.backbone_init for a model.
+
+  Args:
+    config: the run's config (model.backbone_init, depth, arch and the pixel settings).
+    shapes: the model's variables, {(collection, module, ..., name): shape}, e.g.
+      `modeling.build.variable_shapes(model)`; those under BACKBONE_MODULES must all come from the
+      file with these shapes.
+    path, entry: the resolved file (`resolve_backbone_init`), resolved here when None.
+
+  Returns:
+    ({path: float32 array} of every backbone variable, a one-line summary for the log).
+
+  Raises:
+    backbones.BackboneInitError (one line): missing file, a pixel convention or network that is
+      not the config's, a backbone key missing from the file, an unknown key, a shape mismatch.
+  """
+  from maskrcnn_jax.checkpoints import backbones, name_maps
+  from maskrcnn_jax.checkpoints.torch_reader import CheckpointError
+  if path is None:
+    path, entry = resolve_backbone_init(config)
+  name = os.path.basename(path)
+  m = config.model
+  try:
+    state, naming = backbones.read(path)
+    convention, how = backbones.file_convention(path, state, entry)
+    what = f"model.backbone_init {name} ({how})"
+    backbones.check_network(entry, m, what=what)
+    backbones.check_convention(convention, m, what=what)
+    mapping = name_maps.map_backbone(state, depth=int(m.depth), arch=str(m.get("arch", "FPN")))
+    expected = {p: tuple(s) for p, s in shapes.items() if p[1] in BACKBONE_MODULES}
+    name_maps.check_backbone(mapping, expected, depth=int(m.depth), state_keys=list(state),
+                             source=name)
+  except backbones.BackboneInitError:
+    raise
+  except (OSError, CheckpointError) as e:
+    raise backbones.BackboneInitError(" ".join(str(e).split())) from None
+  loaded = traverse_util.flatten_dict(mapping.variables)
+  dropped = sorted({reason for _, reason in mapping.dropped})
+  summary = (f"{name} ({naming} names, {convention.name} style): {len(loaded)} backbone variables"
+             + (f", {len(mapping.filled)} norms without statistics given mean 0 / var 1"
+                if mapping.filled else "")
+             + (f"; dropped {len(mapping.dropped)} keys ({'; '.join(dropped)})"
+                if mapping.dropped else "")
+             + "; the other modules keep their fresh initialisation")
+  return loaded, summary
+
+
+def load_backbone_init(config: ml_collections.ConfigDict, variables: Dict[str, Any], *,
+                       path: Optional[str] = None, entry: Any = None
+                       ) -> Tuple[Dict[str, Any], str]:
+  """`variables` ({'params', 'batch_stats'}, freshly initialised) with the backbone replaced by
+  the ImageNet file of config.model.backbone_init (`read_backbone_init`), as the upstream
+  frameworks start training: detectron2's DetectionCheckpointer on MODEL.WEIGHTS, mmcv's
+  `init_cfg=dict(type='Pretrained')`, torchvision's `weights_backbone`. Convs, norm affine and
+  statistics come from the file (a frozen_bn backbone keeps them fixed); the FPN, RPN and RoI heads
+  keep their fresh initialisation. Returns (variables, summary)."""
+  target = traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, dict(variables)))
+  loaded, summary = read_backbone_init(config, {p: np.shape(v) for p, v in target.items()},
+                                       path=path, entry=entry)
+  return replace_variables(variables, loaded), summary
+
+
+def replace_variables(variables: Dict[str, Any], loaded: Dict[Tuple[str, ...], np.ndarray]
+                      ) -> Dict[str, Any]:
+  """`variables` with the leaves at the paths of `loaded` replaced (cast to their dtype)."""
+  out = traverse_util.flatten_dict(jax.tree_util.tree_map(np.asarray, dict(variables)))
+  for p, v in loaded.items():
+    out[p] = np.asarray(v, out[p].dtype)
+  return traverse_util.unflatten_dict(out)

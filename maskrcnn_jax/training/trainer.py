@@ -4,7 +4,9 @@ What a run writes into `workdir` (process 0 only, except checkpoints, which ever
 
   config.json                 the resolved config (with the dataset paths and category ids)
   metrics.jsonl               one JSON object per logged step (loss terms, lr, grad norm, img/s)
-                              and per periodic evaluation ('eval/bbox/AP', ...)
+                              and per periodic evaluation ('eval/bbox/AP', ...; written when its
+                              COCOeval, which runs in a background thread, is done, so possibly
+                              after lines of later steps)
   tensorboard/events.out.tfevents.*   the same scalars for TensorBoard (metric_writers.py)
   checkpoints/<step>/         orbax checkpoints (checkpointing.py), the last train.keep_checkpoints
   metrics.json, predictions.json      the final COCO evaluation (evaluation/evaluator.py):
@@ -12,9 +14,11 @@ What a run writes into `workdir` (process 0 only, except checkpoints, which ever
   model/                      the final variables + config.json in the converted-checkpoint layout
                               (predict / evaluate --checkpoint WORKDIR/model)
 
-Restarting the same command continues from the newest checkpoint: params, optimizer state, batch
-statistics, step, rng and the data position are restored, so the losses continue exactly as in an
-uninterrupted run. A non-finite loss stops the run with an error naming the step and the loss
+A new run starts from config.init (a whole converted detector) if set, else from the recipe's
+ImageNet backbone (config.model.backbone_init, checkpointing.read_backbone_init; the FPN and heads
+start fresh), else from scratch. Restarting the same command continues from the newest checkpoint
+instead (neither is read then): params, optimizer state, batch statistics, step, rng and the data
+position are restored, so the losses continue exactly as in an uninterrupted run. A non-finite loss stops the run with an error naming the step and the loss
 terms; the state is never updated by that step and the checkpoints on disk stay the last good ones.
 
 The progress line (stdout, every train.log_every steps) shows step, the loss terms averaged over
@@ -22,7 +26,9 @@ the interval, the learning rate, images per second and the ETA.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
+import functools
 import logging
 import math
 import os
@@ -35,15 +41,18 @@ import ml_collections
 import numpy as np
 
 from maskrcnn_jax import conventions as conventions_lib
-from maskrcnn_jax.modeling.build import build_model, init_variables
-from maskrcnn_jax.training import checkpointing, metric_writers, optimizer as optimizer_lib
+from maskrcnn_jax.modeling.build import build_model, init_variables, variable_shapes
+from maskrcnn_jax.training import checkpointing, loss_scale as loss_scale_lib
+from maskrcnn_jax.training import metric_writers, optimizer as optimizer_lib
 from maskrcnn_jax.training import sharding as sharding_lib
 from maskrcnn_jax.training import train_state as train_state_lib
 
 logger = logging.getLogger(__name__)
 
-# The batch keys the model's losses read (the loader also returns image_id, flipped, truncated).
-TRAIN_KEYS = ("image", "image_hw", "gt_boxes", "gt_labels", "gt_valid", "gt_crowd", "gt_masks")
+# The batch keys the train step reads (the loader also returns image_id, flipped, truncated):
+# uint8 images and packed masks become the model's inputs inside the step (ops/inputs.py).
+TRAIN_KEYS = ("image", "image_hw", "gt_boxes", "gt_labels", "gt_valid", "gt_crowd", "gt_masks",
+              "gt_masks_bits")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -141,10 +150,12 @@ def _take_train_keys(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 def run_evaluation(config: ml_collections.ConfigDict, variables: Any, *, workdir: Optional[str],
-                   mesh=None) -> Optional[Dict[str, Dict[str, float]]]:
+                   mesh=None, background: Optional[concurrent.futures.Executor] = None) -> Any:
   """COCO evaluation on config.data.val_json through maskrcnn_jax.evaluation.evaluator.
 
-  Returns None (with a log line) when there is no val set or no evaluator module.
+  With `background` (a thread pool), only the inference runs now; COCOeval runs there and a Future
+  of the metrics is returned (`evaluator.evaluate_in_background`). Returns None (with a log line)
+  when there is no val set or no evaluator module.
   """
   if not config.data.get("val_json", ""):
     _print("no config.data.val_json: skipping evaluation")
@@ -160,6 +171,8 @@ def run_evaluation(config: ml_collections.ConfigDict, variables: Any, *, workdir
                 num_workers=int(ev.get("num_workers", 2)), log=_print)
   if mesh is not None:
     kwargs["mesh"] = mesh
+  if background is not None:
+    return evaluator.evaluate_in_background(config, variables, executor=background, **kwargs)
   return evaluator.evaluate(config, variables, **kwargs)
 
 
@@ -221,14 +234,31 @@ def _mean_metrics(history: List[Dict[str, np.ndarray]]) -> Dict[str, float]:
   out = {}
   for k in keys:
     values = [float(h[k]) for h in history if k in h]
-    out[k] = float(np.mean(values)) if k not in ("lr", "finite") else values[-1]
+    out[k] = (float(np.mean(values)) if k not in ("lr", "finite", "loss_scale", "skipped_steps")
+              else values[-1])
   return out
 
 
 def _progress_line(step: int, total: int, m: Dict[str, float], ips: float, eta: float) -> str:
   terms = " ".join(f"{k[5:]} {m[k]:.4f}" for k in sorted(m) if k.startswith("loss_"))
-  return (f"step {step}/{total}  loss {m['loss']:.4f} ({terms})  lr {m['lr']:.3g}  "
+  scale = (f"  loss scale {m['loss_scale']:g} ({int(m['skipped_steps'])} skipped)"
+           if "loss_scale" in m else "")
+  return (f"step {step}/{total}  loss {m['loss']:.4f} ({terms})  lr {m['lr']:.3g}{scale}  "
           f"{ips:.2f} img/s  ETA {_fmt_time(eta)}")
+
+
+def prepare_batch_fn(config: ml_collections.ConfigDict):
+  """The loader's batch -> the model's inputs, inside the jitted step: uint8 images normalized
+  bit-identically to the host's float32 normalization, packed mask crops unpacked
+  (`ops.inputs.model_inputs`, `data.pipeline.device_normalization`)."""
+  from maskrcnn_jax.data import pipeline
+  from maskrcnn_jax.ops import inputs as inputs_lib
+  norm = pipeline.device_normalization(config)
+  if norm is None:
+    return inputs_lib.model_inputs
+  table, source = norm
+  return functools.partial(inputs_lib.model_inputs, table=table,
+                           source=tuple(int(c) for c in source))
 
 
 def sampler_kwargs(train_config) -> Dict[str, Any]:
@@ -270,6 +300,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   tc = config.train
+  # The starting point, settled before any data or compilation work: a run that resumes reads
+  # neither (its checkpoint holds everything, as detectron2's resume_or_load); otherwise
+  # config.init (a whole detector) or the recipe's ImageNet backbone, whose file must be on disk.
+  resuming = checkpointing.has_checkpoint(os.path.join(workdir, "checkpoints"))
+  init = "" if resuming else config.get("init", "")
+  backbone_file = None
+  if not resuming and not init and config.model.get("backbone_init", ""):
+    backbone_file = checkpointing.resolve_backbone_init(config)
 
   # ---- data ----
   from maskrcnn_jax.data import coco as coco_lib, loader as loader_lib
@@ -295,23 +333,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- model, optimizer, state ----
   custom_model = model is not None
   model = model if custom_model else build_model(config, train=True)
+  backbone = None
+  if backbone_file is not None:  # read and checked before compiling anything
+    backbone = checkpointing.read_backbone_init(config, variable_shapes(model),
+                                                path=backbone_file[0], entry=backbone_file[1])
   rng = jax.random.PRNGKey(int(config.seed))
   init_rng, state_rng = jax.random.split(rng)
   variables = jax.device_get(init_variables(model, init_rng))
   variables = {k: v for k, v in dict(variables).items()}
-  if config.get("init", ""):
-    variables, reinit = checkpointing.load_init(config, variables, config.init)
-    _print(f"initialised from {config.init}"
+  if init:
+    variables, reinit = checkpointing.load_init(config, variables, init)
+    _print(f"initialised from {init}"
            + (f" (re-initialised {len(reinit)} class-dependent variables)" if reinit else ""))
+  elif backbone is not None:
+    variables = checkpointing.replace_variables(variables, backbone[0])
+    _print(f"initialised the backbone from {config.model.backbone_init}: {backbone[1]}")
   tx = optimizer_lib.build_optimizer(config, variables["params"], schedule)
-  state = train_state_lib.create_train_state(variables, tx, state_rng)
+  loss_scale = loss_scale_lib.from_config(config)
+  state = train_state_lib.create_train_state(variables, tx, state_rng, loss_scale=loss_scale)
   state = train_state_lib.place_state(state, mesh)
   del variables
   counts = optimizer_lib.count_params(state.params, config)
   _print(f"{config.get('upstream', '') or 'model'}: {sum(counts.values()) / 1e6:.2f}M params "
          f"({counts['frozen'] / 1e6:.2f}M frozen); {mesh.devices.size} device(s), "
          f"{jax.process_count()} process(es), global batch {global_batch}; "
-         f"{len(loader.image_ids)} training images, {loader.steps_per_epoch} steps/epoch; "
+         f"{len(loader.image_ids)} training images, {loader.steps_per_epoch} steps/epoch, "
+         f"image buckets {' '.join(f'{h}x{w}' for h, w in loader.buckets)}; "
          f"schedule: {schedule.describe()}; running {total_steps} steps")
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -334,7 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       loss_kwargs["category_ids"] = tuple(config.category_ids)
     loss_kwargs.update(sampler_kwargs(tc))
   train_step = train_state_lib.make_train_step(
-      model, tx, schedule, mesh, state, compute_dtype=compute_dtype, loss_kwargs=loss_kwargs)
+      model, tx, schedule, mesh, state, compute_dtype=compute_dtype, loss_kwargs=loss_kwargs,
+      loss_scale=loss_scale, prepare_batch=prepare_batch_fn(config))
 
   writer = metric_writers.NullWriter()
   if jax.process_index() == 0:
@@ -353,6 +401,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_saved = start_step
   t_window, n_window = None, 0
   t_first_done = None
+  # Periodic evaluations: the inference holds up training, COCOeval runs on this thread and its
+  # metrics are written once ready (checked every step, all awaited before the final evaluation).
+  scoring = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coco-eval")
+  scored: List[Tuple[int, concurrent.futures.Future]] = []
+
+  def write_scored(wait: bool = False) -> None:
+    while scored and (wait or scored[0][1].done()):
+      eval_step, future = scored.pop(0)
+      writer.write_scalars(eval_step, _flat_eval(future.result()))
 
   def check_finite(step_no: int, metrics: Dict[str, Any]) -> None:
     if float(jax.device_get(metrics["finite"])) > 0:
@@ -410,17 +467,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.save(step, state, loader.state())
         last_saved = step
       if eval_every and step % eval_every == 0 and step < total_steps:
-        metrics_eval = run_evaluation(config, {"params": state.params,
-                                               "batch_stats": state.batch_stats},
-                                      workdir=None, mesh=mesh)
-        if metrics_eval:
-          writer.write_scalars(step, _flat_eval(metrics_eval))
+        future = run_evaluation(config, {"params": state.params,
+                                         "batch_stats": state.batch_stats},
+                                workdir=None, mesh=mesh, background=scoring)
+        if future is not None:
+          scored.append((step, future))
+      write_scored()
+    write_scored(wait=True)
     if pending is not None:
       check_finite(*pending)
     if last_saved != step and step > start_step:
       ckpt.save(step, state, loader.state())
     ckpt.wait_until_finished()
   finally:
+    scoring.shutdown(wait=True)
     ckpt.close()
     loader.close()
   train_time = time.time() - t_start

@@ -4,17 +4,23 @@ The kernels reproduce `reference.py` (the pure-JAX twin): same arguments, same f
 coordinates and weights (they are computed by the reference's own `_axis_samples` / `_taps` /
 `_window`, in XLA), so only the order of the float32 sums differs (~1e-7 relative).
 
-Lowering: the Pallas *Triton* lowering (`compiler_params=pltriton.CompilerParams(...)`), run
-natively on a GPU (`impl='pallas'`) or interpreted on any backend (`impl='interpret'`,
-`pallas_call(..., interpret=True)`). Why Triton and not Mosaic GPU (the default Pallas lowering on
-Hopper), see pallas_kernels/README.md: RoIAlign is a data-dependent gather (forward) and scatter-add
-(backward). The Triton lowering turns an integer-array index of a ref into a tensor of pointers
-(a gather) and `pltriton.atomic_add` into a tensor of `atomic_rmw`s, which is exactly this
-problem; Mosaic GPU's model (one warpgroup per thread, rectangular TMA tiles, layouts for
-TensorCore operands) has no per-element gather from global memory on Hopper (its indexed TMA copy
-needs sm_100). The Triton lowering is deprecated since JAX 0.11.0 (a DeprecationWarning when a
-kernel is lowered) but present in 0.11.x; `impl='auto'` never picks it unless a GPU benchmark
-measured it faster (`AUTO_PALLAS_DEVICE_KINDS` in `__init__.py`).
+Two lowerings (`KernelConfig.lowering`), the same taps, backwards and pyramid handling:
+
+* 'triton': the Pallas *Triton* lowering (`compiler_params=pltriton.CompilerParams(...)`), run
+  natively on a GPU (`impl='pallas'`) or by the generic Pallas interpreter (`impl='interpret'`,
+  `pallas_call(..., interpret=True)`). The Triton lowering turns an integer-array index of a ref
+  into a tensor of pointers (a gather: the forward reads [XB, CB] tiles of XB columns) and
+  `pltriton.atomic_add` into a tensor of `atomic_rmw`s. It is deprecated since JAX 0.11.0 (a
+  DeprecationWarning when a kernel is lowered) but present in 0.11.x.
+* 'mosaic': Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`, the default Pallas lowering on
+  Hopper), `kernel_mosaic.py`: one warpgroup per (RoI, channel block); Mosaic GPU has no
+  per-element gather on Hopper, so each tap is a dynamic-start load of one contiguous [CB] channel
+  vector, and the atomic backward uses `plgpu.atomic_add` of [CB] vectors. Run natively on a
+  Hopper GPU (`impl='mosaic'`) or by Mosaic GPU's own interpreter on any backend
+  (`impl='mosaic_interpret'`).
+
+`impl='auto'` picks neither unless a GPU benchmark measured it faster (`AUTO_PALLAS_DEVICE_KINDS`
+in `__init__.py`).
 
 Structure (all three kernels share it):
 
@@ -53,7 +59,7 @@ float32 and is rounded once to the features' dtype; the reference's bfloat16 gra
 scatter-added in bfloat16). No gradient flows to the boxes (as in torchvision / mmcv, whose
 RoIAlign backward returns none for the RoIs); the reference differentiates through the weights.
 
-Triton constraints honoured here: every vector is a power of two ([XB, CB], [CB], [XB]); all other
+Triton constraints honoured here (the Mosaic GPU ones: kernel_mosaic.py): every vector is a power of two ([XB, CB], [CB], [XB]); all other
 values are scalars loaded from the tap tables; loops are `lax.fori_loop` with bounds read from
 refs (scf.for / scf.while); the deterministic kernel's read-add-write of a row is ordered by the
 program (same layout for load and store) and its loops are not software-pipelined
@@ -95,11 +101,12 @@ class KernelConfig:
   output_size: tuple[int, int]
   channel_block: int
   x_block: int
-  interpret: bool
+  interpret: bool | str  # False, True (the generic Pallas interpreter) or 'mosaic_gpu'
   num_warps: int = 4
   num_stages: int = 2
   deterministic: bool = False
   band_rows: int = BAND_ROWS
+  lowering: str = "triton"  # 'triton' | 'mosaic' (module docstring)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,13 +213,21 @@ def _per_level(level, tables, body):
     pl.when(level == l)(functools.partial(body, l, t))
 
 
+def _program_id(cfg: KernelConfig, axis: int):
+  """The program's index along grid axis 0 (RoI or band) or 1 (channel block)."""
+  if cfg.lowering == "mosaic":
+    from pallas_kernels.roi_align import kernel_mosaic
+    return kernel_mosaic.program_id(cfg, axis)
+  return pl.program_id(axis)
+
+
 def _fwd_kernel(level_ref, ny_ref, nx_ref, cnt_ref, ry_ref, wy_ref, rx_ref, wx_ref, *refs,
                 num_levels, cfg: KernelConfig):
   tables, (out_ref,) = refs[:num_levels], refs[num_levels:]
   oh, ow = cfg.output_size
   cb, xb = cfg.channel_block, cfg.x_block
-  k = pl.program_id(0)
-  c0 = pl.program_id(1) * cb
+  k = _program_id(cfg, 0)
+  c0 = _program_id(cfg, 1) * cb
   ny = ny_ref[k]
   nxb = jax.lax.div(nx_ref[k] + (xb - 1), xb)
   cnt = cnt_ref[k]
@@ -236,7 +251,7 @@ def _fwd_kernel(level_ref, ny_ref, nx_ref, cnt_ref, ry_ref, wy_ref, rx_ref, wx_r
 
       acc = jnp.sum(jax.lax.fori_loop(0, ny, y_body, jnp.zeros((xb, cb), jnp.float32)), axis=0)
       # output_val /= count (a true division, as the reference).
-      _store(out_ref.at[k, ph, pw, pl.ds(c0, cb)], (acc / cnt).astype(out_ref.dtype))
+      _store(cfg, out_ref.at[k, ph, pw, pl.ds(c0, cb)], (acc / cnt).astype(out_ref.dtype))
       return carry
 
     jax.lax.fori_loop(0, oh * ow, bin_body, 0)
@@ -244,24 +259,28 @@ def _fwd_kernel(level_ref, ny_ref, nx_ref, cnt_ref, ry_ref, wy_ref, rx_ref, wx_r
   _per_level(level_ref[k], tables, level_body)
 
 
-def _store(ref, val):
+def _store(cfg: KernelConfig, ref, val):
   """ref[...] = val without reading the old value (a plain `ref[...] = val` is a swap, which the
-  Triton lowering emits as a load and a store)."""
-  if pltriton is not None:
+  Triton lowering emits as a load and a store; Mosaic GPU has only the swap)."""
+  if cfg.lowering == "triton" and pltriton is not None:
     pltriton.store(ref, val)
-  else:  # pragma: no cover
+  else:
     ref[...] = val
 
 
-def _scatter_add(ref, row, c0, cb, val, *, atomic):
-  """ref[row, c0:c0+cb] += val (one table row). `atomic`: `pltriton.atomic_add` (a GPU atomic; the
-  interpreter executes it as a dynamic-slice add, exact since a call touches one row), else a
-  plain read-add-write (the deterministic kernel owns the row)."""
-  if atomic and pltriton is not None:
+def _scatter_add(cfg: KernelConfig, ref, row, c0, cb, val, *, atomic):
+  """ref[row, c0:c0+cb] += val (one table row). `atomic`: a GPU atomic add (`pltriton.atomic_add`:
+  the generic interpreter executes it as a dynamic-slice add, exact since a call touches one row;
+  Mosaic GPU: `kernel_mosaic.atomic_add`), else a plain read-add-write (the deterministic kernel
+  owns the row)."""
+  if atomic and cfg.lowering == "mosaic":
+    from pallas_kernels.roi_align import kernel_mosaic
+    kernel_mosaic.atomic_add(cfg, ref.at[row, pl.ds(c0, cb)], val)
+  elif atomic and pltriton is not None:
     pltriton.atomic_add(ref, (row, pl.ds(c0, cb)), val)
   else:  # (also the interpreter's fallback should a JAX drop the Triton module: it is sequential)
     view = ref.at[row, pl.ds(c0, cb)]
-    _store(view, view[...] + val)
+    _store(cfg, view, view[...] + val)
 
 
 def _walk_roi(k, c0, ny_ref, nx_ref, cnt_ref, ry_ref, wy_ref, rx_ref, wx_ref, g_ref, d_ref, *,
@@ -299,7 +318,7 @@ def _walk_roi(k, c0, ny_ref, nx_ref, cnt_ref, ry_ref, wy_ref, rx_ref, wx_ref, g_
 
           @pl.when(hit)
           def _():
-            _scatter_add(d_ref, t, c0, cb, wj * gv, atomic=band is None)
+            _scatter_add(cfg, d_ref, t, c0, cb, wj * gv, atomic=band is None)
           return carry_x
 
         jax.lax.fori_loop(0, nx, x_body, 0)
@@ -313,10 +332,11 @@ def _walk_roi(k, c0, ny_ref, nx_ref, cnt_ref, ry_ref, wy_ref, rx_ref, wx_ref, g_
 
 def _bwd_atomic_kernel(level_ref, ny_ref, nx_ref, cnt_ref, ry_ref, wy_ref, rx_ref, wx_ref, g_ref,
                        *refs, num_levels, cfg: KernelConfig):
-  # refs: the L zero-filled inputs (aliased to the outputs), then the L outputs.
-  d_refs = refs[num_levels:]
-  k = pl.program_id(0)
-  c0 = pl.program_id(1) * cfg.channel_block
+  # refs end with the L zero-filled gradient tables (Triton: the L zero-filled inputs aliased to
+  # the L outputs, which come last; Mosaic GPU: the L refs updated in place).
+  d_refs = refs[-num_levels:]
+  k = _program_id(cfg, 0)
+  c0 = _program_id(cfg, 1) * cfg.channel_block
   _per_level(level_ref[k], d_refs, lambda _, d_ref: _walk_roi(
       k, c0, ny_ref, nx_ref, cnt_ref, ry_ref, wy_ref, rx_ref, wx_ref, g_ref, d_ref, cfg=cfg))
 
@@ -325,9 +345,9 @@ def _bwd_band_kernel(band_level_ref, band_seg_ref, band_lo_ref, band_hi_ref, seg
                      seg_end_ref, order_ref, rmin_ref, rmax_ref, cmin_ref, cmax_ref, ny_ref, nx_ref,
                      cnt_ref, ry_ref, wy_ref, rx_ref, wx_ref, g_ref, *refs, num_levels,
                      cfg: KernelConfig):
-  d_refs = refs[num_levels:]
-  p = pl.program_id(0)
-  c0 = pl.program_id(1) * cfg.channel_block
+  d_refs = refs[-num_levels:]
+  p = _program_id(cfg, 0)
+  c0 = _program_id(cfg, 1) * cfg.channel_block
   lo, hi = band_lo_ref[p], band_hi_ref[p]
   seg = band_seg_ref[p]
 
@@ -351,6 +371,11 @@ def _bwd_band_kernel(band_level_ref, band_seg_ref, band_lo_ref, band_hi_ref, seg
 # ------------------------------------------------------------------------------------------------
 
 def _call(kernel, grid, out_shape, cfg: KernelConfig, *, aliases=None, num_stages=None):
+  """The kernel launched on `grid`: a function of the inputs returning `out_shape`'s arrays.
+  aliases: {input index: output index} (the zero-filled gradient tables, updated in place)."""
+  if cfg.lowering == "mosaic":
+    from pallas_kernels.roi_align import kernel_mosaic
+    return kernel_mosaic.call(kernel, grid, out_shape, cfg, aliases=aliases or {})
   kwargs = dict(grid=grid, out_shape=out_shape, input_output_aliases=aliases or {})
   if cfg.interpret:
     kwargs["interpret"] = True
@@ -372,7 +397,11 @@ def _forward(tables, taps: _Taps, cfg: KernelConfig):
   k = taps.ny.shape[0]
   oh, ow = cfg.output_size
   c = tables[0].shape[1]
-  kernel = functools.partial(_fwd_kernel, num_levels=len(tables), cfg=cfg)
+  body = _fwd_kernel
+  if cfg.lowering == "mosaic":
+    from pallas_kernels.roi_align import kernel_mosaic
+    body = kernel_mosaic.fwd_kernel
+  kernel = functools.partial(body, num_levels=len(tables), cfg=cfg)
   out_shape = jax.ShapeDtypeStruct((k, oh, ow, c), tables[0].dtype)
   return _call(kernel, (k, c // cfg.channel_block), out_shape, cfg)(*_taps_args(taps), *tables)
 
@@ -474,7 +503,7 @@ def _pair(v):
 
 def pool_levels(features: Sequence, boxes, batch_idx, levels, *, spatial_scales, output_size,
                 sampling_ratio, aligned, max_grid=None, interpret=False, deterministic=False,
-                channel_block=None, num_warps=None):
+                channel_block=None, num_warps=None, lowering="triton"):
   """RoIAlign of every RoI on its own level with the Pallas kernels.
 
   Args:
@@ -482,9 +511,11 @@ def pool_levels(features: Sequence, boxes, batch_idx, levels, *, spatial_scales,
     boxes: [K, 4] float32 (x1, y1, x2, y2) image pixels. batch_idx: [K] int32 in [0, N).
     levels: [K] int32 in [0, L) (None: all 0, for one level).
     spatial_scales: L floats. output_size, sampling_ratio, aligned, max_grid: as the reference.
-    interpret: run the kernels in the Pallas interpreter (any backend) instead of natively.
+    interpret: run the kernels in the Pallas interpreter (any backend) instead of natively; for
+      lowering='mosaic' also 'mosaic_gpu': Mosaic GPU's own interpreter (`kernel_mosaic.py`).
     deterministic: use the band-owner backward (bitwise reproducible) instead of atomics.
-    channel_block, num_warps: launch parameters (None: defaults for C).
+    channel_block, num_warps: launch parameters (None: defaults for C; Triton only: num_warps).
+    lowering: 'triton' or 'mosaic' (module docstring).
 
   Returns:
     [K, oh, ow, C] in the features' dtype. Differentiable w.r.t. the features (custom VJP).
@@ -508,17 +539,28 @@ def pool_levels(features: Sequence, boxes, batch_idx, levels, *, spatial_scales,
   batch_idx = jnp.asarray(batch_idx, jnp.int32)
   levels = (jnp.zeros((k,), jnp.int32) if levels is None else jnp.asarray(levels, jnp.int32))
 
-  cb = channel_block or min(MAX_CHANNEL_BLOCK, _next_pow2(c))
-  if cb & (cb - 1):
-    raise ValueError(f"channel_block must be a power of two, got {cb}")
-  cp = -(-c // cb) * cb
   g_static = sampling_ratio if sampling_ratio > 0 else max_grid
   tx = 2 * g_static  # tap-list slots per bin (the window's G + 1 fit: G + 1 <= 2G)
-  xb = min(MAX_X_BLOCK, _next_pow2(tx))
-  if num_warps is None:
-    num_warps = 4 if cb * xb >= 512 else (2 if cb * xb >= 128 else 1)
-  cfg = KernelConfig(output_size=(oh, ow), channel_block=cb, x_block=xb, interpret=bool(interpret),
-                     num_warps=num_warps, deterministic=bool(deterministic))
+  if lowering == "mosaic":
+    from pallas_kernels.roi_align import kernel_mosaic
+    cb = kernel_mosaic.channel_block(c, channel_block)
+    xb, num_warps = 1, 4  # one tap per load; one warpgroup per program
+  elif lowering == "triton":
+    cb = channel_block or min(MAX_CHANNEL_BLOCK, _next_pow2(c))
+    if cb & (cb - 1):
+      raise ValueError(f"channel_block must be a power of two, got {cb}")
+    xb = min(MAX_X_BLOCK, _next_pow2(tx))
+    if num_warps is None:
+      num_warps = 4 if cb * xb >= 512 else (2 if cb * xb >= 128 else 1)
+  else:
+    raise ValueError(f"lowering must be 'triton' or 'mosaic', got {lowering!r}")
+  cp = -(-c // cb) * cb
+  if interpret not in (False, True) and not (lowering == "mosaic" and interpret == "mosaic_gpu"):
+    raise ValueError(f"interpret must be a bool (or 'mosaic_gpu' with lowering='mosaic'), got "
+                     f"{interpret!r}")
+  interpret = interpret if isinstance(interpret, str) else bool(interpret)
+  cfg = KernelConfig(output_size=(oh, ow), channel_block=cb, x_block=xb, interpret=interpret,
+                     num_warps=num_warps, deterministic=bool(deterministic), lowering=lowering)
 
   taps = _prepare_taps(boxes, batch_idx, levels, [(f.shape[1], f.shape[2]) for f in features],
                        spatial_scales, output_size=(oh, ow), sampling_ratio=sampling_ratio,

@@ -1,12 +1,16 @@
 """RoIAlign against the torchvision / mmcv / detectron2 golden vectors (golden README section 1).
 
 Every test of `TestRoIAlign` runs once per implementation that runs here
-(`pallas_kernels.roi_align.available_impls()`): 'reference' (pure JAX) and 'interpret' (the Pallas
-kernels in the Pallas interpreter) everywhere, plus 'pallas' (the kernels natively) on a GPU.
-The interpreter is slow, so 'interpret' checks a subset where a test loops over many
-configurations (`_subset`); every kind of box and configuration is still covered: aligned 0 / 1,
-sampling_ratio 0 / 2, output 7 / 14, both goldens cases (every box kind), both scales, bfloat16,
-the capped grid, several levels, both backwards.
+(`pallas_kernels.roi_align.available_impls()`): 'reference' (pure JAX), 'interpret' (the Triton
+kernels in the Pallas interpreter) and 'mosaic_interpret' (the Mosaic GPU kernel bodies in the
+Pallas interpreter) everywhere, plus 'pallas' (the Triton kernels natively) on a GPU and 'mosaic'
+(the Mosaic GPU kernels natively) on a Hopper GPU. The interpreter is slow, so the interpreted
+implementations check a subset where a test loops over many configurations (`_subset`); every
+kind of box and configuration is still covered: aligned 0 / 1, sampling_ratio 0 / 2, output 7 /
+14, both goldens cases (every box kind), both scales, bfloat16, the capped grid, several levels,
+both backwards. `test_mosaic_gpu_interpreter` runs the Mosaic GPU kernels through Mosaic GPU's own
+interpreter (its device launch path), and the lowering tests lower both kernel families for a
+CUDA target without a GPU.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from pallas_kernels import roi_align as roi_align_lib
 # The repository's copy of the framework-produced goldens (tests/fixtures/golden/README.md).
 GOLDEN_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "golden"
 IMPLS = roi_align_lib.available_impls()
-KERNEL_IMPLS = ("pallas", "interpret")
+KERNEL_IMPLS = roi_align_lib.KERNEL_IMPLS
+INTERPRETED = ("interpret", "mosaic_interpret")
 CASES = ("A", "B")
 # (rois key, spatial_scale): the same expected arrays hold for both (power-of-two scaling is exact).
 SCALES = (("rois_s4", 0.25), ("rois_s16", 0.0625))
@@ -62,7 +67,7 @@ def _subset(impl, items, every=2):
   """All items for the reference and native kernels; every `every`-th (from the first) in the
   interpreter, which is slow on CPU (the callers pick orders that keep every case kind)."""
   items = list(items)
-  return items[::every] if impl == "interpret" else items
+  return items[::every] if impl in INTERPRETED else items
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,7 +170,7 @@ _INTERPRET_CONFIGS = {"A": [CONFIGS[i] for i in (0, 3, 4, 7)],
 
 
 def _configs(impl, case):
-  return _INTERPRET_CONFIGS[case] if impl == "interpret" else CONFIGS
+  return _INTERPRET_CONFIGS[case] if impl in INTERPRETED else CONFIGS
 
 
 def _backwards(impl):
@@ -189,7 +194,7 @@ class TestRoIAlign:
 
   @pytest.mark.parametrize("case", CASES)
   def test_mmcv_and_detectron2_forward(self, impl, golden, case):
-    if impl == "interpret" and case == "A":
+    if impl in INTERPRETED and case == "A":
       pytest.skip("interpreter subset: case B holds the same box kinds (and two images)")
     for rois_key, scale in SCALES:
       feats, boxes, bidx = _inputs(golden, case, rois_key)
@@ -207,14 +212,14 @@ class TestRoIAlign:
     """d/dfeatures against torch autograd, with every backward of the implementation (the
     interpreter: output 7 on case A, 14 on B, the two backwards alternating)."""
     kinds = golden[f"{case}_box_kind"]
-    sizes = ((7,) if case == "A" else (14,)) if impl == "interpret" else (7, 14)
+    sizes = ((7,) if case == "A" else (14,)) if impl in INTERPRETED else (7, 14)
     for o in sizes:
       cot_all = _nhwc(golden[f"{case}_cotangent_out{o}"]).astype(np.float32)
       variants = [(f"{case}_tv_grad_out{o}_aligned1_sr0", True, 0, None),
                   (f"{case}_tv_grad_out{o}_aligned0_sr2", False, 2, None),
                   (f"{case}_mm_grad_out{o}", True, 0, kinds != INVERTED)]
       for v, (name, aligned, sr, keep) in enumerate(variants):
-        if impl == "interpret":
+        if impl in INTERPRETED:
           if keep is not None and case == "A":
             continue  # the mmcv gradient equals torchvision's without the inverted box
           backwards = ((v + (case == "B")) % 2 == 1,)
@@ -229,7 +234,7 @@ class TestRoIAlign:
                                      err_msg=f"{name} deterministic={det}")
 
   def test_inverted_box_adaptive_is_zero(self, impl, golden):
-    case = "B" if impl == "interpret" else "A"  # B's configuration is compiled already
+    case = "B" if impl in INTERPRETED else "A"  # B's configuration is compiled already
     feats, boxes, bidx = _inputs(golden, case, "rois_s4")
     row = golden[f"{case}_box_kind"].tolist().index(INVERTED)
     out = _fn(impl, 7, 0, True, _max_grid(7))(feats, boxes, bidx, 0.25)
@@ -388,6 +393,87 @@ def test_impl_resolution():
     assert roi_align_lib.resolve_impl("auto") == "interpret"
   with pytest.raises(ValueError, match="unknown"):
     roi_align_lib.resolve_impl("cuda")
+  if not roi_align_lib._on_hopper():  # pylint: disable=protected-access
+    with pytest.raises(ValueError, match="Hopper"):
+      roi_align_lib.resolve_impl("mosaic")
+
+
+def test_auto_reads_the_device_table(monkeypatch):
+  """impl='auto' takes the implementation named by AUTO_PALLAS_DEVICE_KINDS for this device."""
+  kind = jax.devices()[0].device_kind
+  monkeypatch.setattr(roi_align_lib, "_on_gpu", lambda: True)
+  monkeypatch.setitem(roi_align_lib.AUTO_PALLAS_DEVICE_KINDS, kind, ("mosaic", "test entry"))
+  assert roi_align_lib.resolve_impl("auto") == "mosaic"
+  # float16 features, which the kernels do not take, stay on the reference under 'auto'.
+  out = roi_align_lib.roi_align(jnp.ones((1, 4, 4, 3), jnp.float16), jnp.asarray([[0, 0, 8, 8.]]),
+                                jnp.zeros((1,), jnp.int32), output_size=2, spatial_scale=0.5,
+                                sampling_ratio=2, aligned=True)
+  assert out.dtype == jnp.float16 and np.allclose(np.asarray(out, np.float32), 1.0)
+  monkeypatch.delitem(roi_align_lib.AUTO_PALLAS_DEVICE_KINDS, kind)
+  assert roi_align_lib.resolve_impl("auto") == "reference"
+
+
+def _random_pyramid(seed, *, channels, k=7):
+  """Two levels of 2 images, k random boxes (some outside), their levels and a cotangent."""
+  rng = np.random.default_rng(seed)
+  feats = [jnp.asarray(rng.standard_normal((2, 16 // 2**l, 24 // 2**l, channels)), jnp.float32)
+           for l in range(2)]
+  xy = rng.uniform(-10, 70, (k, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(1, 50, (k, 2))], 1).astype(np.float32)
+  bidx = rng.integers(0, 2, k).astype(np.int32)
+  levels = rng.integers(0, 2, k).astype(np.int32)
+  cot = jnp.asarray(rng.standard_normal((k, 7, 7, channels)), jnp.float32)
+  return feats, jnp.asarray(boxes), jnp.asarray(bidx), jnp.asarray(levels), cot
+
+
+def test_mosaic_gpu_interpreter():
+  """The Mosaic GPU kernels through Mosaic GPU's own interpreter, i.e. the device launch path
+  (`pl.kernel` over a Mosaic GPU mesh, `lax.axis_index`, the gradient tables updated in place as
+  `jax.new_ref`s, NaN-filled uninitialized outputs, raising out-of-bounds reads): forward and
+  both backwards against the reference. Slow (every load is a host callback): one small case."""
+  from pallas_kernels.roi_align import kernel, kernel_mosaic
+  if not kernel_mosaic.interpreter_available():
+    pytest.skip("this JAX has no Mosaic GPU interpreter")
+  feats, boxes, bidx, levels, cot = _random_pyramid(3, channels=5, k=4)
+  kw = dict(spatial_scales=[0.25, 0.125], output_size=7, sampling_ratio=0, aligned=True,
+            max_grid=3)
+
+  def out_and_grad(pool):
+    def f(fs):
+      out, vjp = jax.vjp(lambda x: pool(x, boxes, bidx, levels, **kw), fs)
+      return out, vjp(cot)[0]
+    return jax.jit(f)(feats)
+
+  exp_out, exp_grad = out_and_grad(roi_align_lib.roi_align_pyramid)
+  for det in (False, True):
+    out, grad = out_and_grad(functools.partial(kernel.pool_levels, lowering="mosaic",
+                                               interpret="mosaic_gpu", deterministic=det))
+    np.testing.assert_allclose(out, exp_out, rtol=0, atol=ATOL)
+    for l in range(2):
+      np.testing.assert_allclose(grad[l], exp_grad[l], rtol=GRAD_RTOL, atol=GRAD_ATOL,
+                                 err_msg=f"level {l} deterministic={det}")
+
+
+def test_mosaic_lowering_for_gpu():
+  """The Mosaic GPU kernels lower for a CUDA target on any machine: the Python half of the Mosaic
+  GPU compiler emits one verified module per kernel, for compute capability 9.0, with [2]-element vector loads of
+  the channel vectors and `red.*.add.f32` atomics in the atomic backward only (mosaic_check.py;
+  MLIR -> PTX needs a GPU)."""
+  from pallas_kernels.roi_align import mosaic_check
+  feats, boxes, bidx, levels, _ = _random_pyramid(0, channels=256, k=8)
+  feats = [f.astype(jnp.bfloat16) for f in feats]
+  for det in (False, True):
+    hlo, modules = mosaic_check.lower(feats, boxes, bidx, levels, spatial_scales=[0.25, 0.125],
+                                      output_size=7, sampling_ratio=0, aligned=True, max_grid=8,
+                                      deterministic=det)
+    assert hlo.count("mosaic_gpu_v2") == 2 and len(modules) == 2
+    fwd, bwd = map(mosaic_check.summarize, modules)
+    assert fwd["arch"] == ["9"] and fwd["vector_loads"] == ["2xbf16"]
+    assert fwd["vector_stores"] == ["2xbf16"] and fwd["atomic_adds"] == 0
+    if det:
+      assert bwd["atomic_adds"] == 0 and bwd["vector_stores"] == ["2xf32"]
+    else:  # one reduction per element of the thread's vector, per level
+      assert bwd["atomic_adds"] == 2 * 2 and not bwd["vector_stores"]
 
 
 def _abstract_gpu():

@@ -159,8 +159,29 @@ def test_full_run_outputs(data, full_run):
   # scored with mask_score, bbox with the class score).
   again = coco_eval.evaluate_results(gt, preds, per_class=True, log=None)
   assert _printed(again) == _printed(metrics)
+  # The default scorer (faster-coco-eval) and pycocotools agree on the model's results.
+  ref = coco_eval.evaluate_results(gt, preds, per_class=True, log=None, scorer="pycocotools")
+  for t in metrics:
+    for k, v in metrics[t].items():
+      assert (math.isnan(v) and math.isnan(ref[t][k])) or abs(v - ref[t][k]) <= 1e-10, (t, k)
   text = "\n".join(full_run["logs"])
   assert "2 padded sizes" in text and "img/s" in text and "| segm |" in text
+
+
+def test_host_paste_gives_identical_predictions(data, full_run):
+  # The full run pasted on the device (the default); the host paste (config.eval.paste = 'host')
+  # must give the same result dicts, RLE strings included. A small paste chunk makes the device
+  # paste take several calls per batch.
+  config = tiny.tiny_config()
+  variables = tiny.tiny_variables(config)
+  kw = dict(annotation_file=data["full"], image_dir=data["images"], log=lambda m: None)
+  config.eval.paste = "host"
+  on_host = evaluator.infer(config, variables, num_workers=0, **kw)
+  assert on_host.results == full_run["predictions"]
+  chunked = evaluator.infer(config, variables, num_workers=0, paste="device",
+                            paste_chunk_tiles=64, **kw)
+  assert chunked.results == full_run["predictions"]
+  assert chunked.stats.paste_bytes > 0 and on_host.stats.paste_bytes == 0
 
 
 def _check_same_as_full_run(data, full_run, results, predictions, devices, processes):

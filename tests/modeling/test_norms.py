@@ -138,7 +138,8 @@ def test_training_passes_the_positives_as_the_mask_head_batch(tmp_path):
   from tests.modeling.test_single_level_archs import _builtin_batch
   config = config_lib.load_config_file("configs/quickstart.py")
   config.model.mask_head_norm = "bn"
-  batch = _builtin_batch(tmp_path, config, 2)
+  # The loader's batch (uint8 images, packed masks) as the train step hands it to the model.
+  batch = trainer.prepare_batch_fn(config)(_builtin_batch(tmp_path, config, 2))
   model = build_model(config, train=True)
   variables = init_variables(model, jax.random.PRNGKey(0), hw=(64, 64))
   seen = []

@@ -102,7 +102,7 @@ def _builtin_batch(tmp_path, config, batch_size):
 
 @pytest.mark.parametrize("arch", ["C4", "DC5"])
 def test_training_steps_decrease_the_loss(tmp_path, arch):
-  from maskrcnn_jax.training import optimizer, sharding, train_state
+  from maskrcnn_jax.training import optimizer, sharding, train_state, trainer
   config = narrow(recipe(arch))
   config.model.norm, config.model.freeze_at = "bn", 0  # from scratch: trainable BN
   batch = _builtin_batch(tmp_path, config, 2)
@@ -116,7 +116,8 @@ def test_training_steps_decrease_the_loss(tmp_path, arch):
       train_state.create_train_state(variables, tx, jax.random.PRNGKey(1)), mesh)
   step = train_state.make_train_step(
       model, tx, schedule, mesh, state,
-      loss_kwargs=dict(roi_batch_per_image=64, rpn_batch_per_image=64))
+      loss_kwargs=dict(roi_batch_per_image=64, rpn_batch_per_image=64),
+      prepare_batch=trainer.prepare_batch_fn(config))
   first = jax.device_get(state.params)
   b = sharding.shard_batch(batch, mesh)
   losses = []

@@ -1,7 +1,7 @@
 """Subprocess entry point for the trainer tests: trains `tiny.TinyDetector` in a fresh process.
 
   python -m tests.training.run_tiny WORKDIR CACHE_DIR STEPS [--mesh N] [--batch B] [--delay S]
-      [--params OUT.npz]
+      [--params OUT.npz] [--workers W]
 
 --delay sleeps S seconds before each batch (host side only), so that a test can SIGKILL the
 process in the middle of a run; --params writes the final parameters as a flat npz.
@@ -25,6 +25,7 @@ def main(argv=None):
   p.add_argument("--delay", type=float, default=0.0)
   p.add_argument("--checkpoint_every", type=int, default=2)
   p.add_argument("--params", default="")
+  p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
   p.add_argument("--process", type=int, default=-1, help="multi-process: this process's id")
   p.add_argument("--num_processes", type=int, default=1)
   p.add_argument("--coordinator", default="")
@@ -51,6 +52,7 @@ def main(argv=None):
     loader_lib.TrainLoader.__next__ = slow_next
   config = tiny.tiny_config(args.cache_dir, steps=args.steps, batch=args.batch)
   config.mesh.data = args.mesh
+  config.data.num_workers = args.workers
   config.train.checkpoint_every = args.checkpoint_every
   result = trainer.train_and_evaluate(config, args.workdir, model=tiny.TinyDetector(num_classes=5))
   if args.params:

@@ -285,3 +285,32 @@ def test_losses_trace_for_other_conventions(recipe):
 
   total, terms = jax.eval_shape(f, jax.random.PRNGKey(0))
   assert total.shape == () and "loss_mask" in terms and "loss_mask_iou" not in terms
+
+
+def test_losses_take_given_samples():
+  """`samples` replace the samplers (traced with eval_shape: nothing compiles); a group given in
+  part, or RoI indices without the proposals they index, are errors."""
+  config = _config("detectron2/mask_rcnn_R_50_FPN_1x")
+  model = build_model(config, train=True)
+  batch = _batch(16)
+  n_anchors = 3 * sum((64 // s) ** 2 for s in (4, 8, 16, 32)) + 3  # P6 is 1 x 1
+  samples = dict(rpn_pos=np.zeros((2, n_anchors), bool), rpn_neg=np.ones((2, n_anchors), bool),
+                 proposals=np.tile(np.array([[0, 0, 20, 20]], np.float32), (2, 5, 1)),
+                 proposals_valid=np.ones((2, 5), bool),
+                 roi_index=np.tile(np.arange(6, dtype=np.int32), (2, 1)),
+                 roi_valid=np.ones((2, 6), bool))
+
+  def f(rng, samples):
+    kw = dict(samples=samples, mask_rows_per_image=4, **KW)
+    variables = model.init(rng, batch, rng, method=MaskRCNN.losses, **kw)
+    return model.apply(variables, batch, rng, method=MaskRCNN.losses, **kw)
+
+  total, terms = jax.eval_shape(f, jax.random.PRNGKey(0), samples)
+  assert total.shape == () and "loss_mask" in terms
+  for bad in ({k: v for k, v in samples.items() if k != "rpn_neg"},
+              {k: v for k, v in samples.items() if not k.startswith("proposals")},
+              dict(samples, rpn_pos=samples["rpn_pos"][:, 1:], rpn_neg=samples["rpn_neg"][:, 1:]),
+              dict(samples, extra=1)):
+    with pytest.raises(ValueError):
+      jax.eval_shape(f, jax.random.PRNGKey(0), bad)
+

@@ -4,7 +4,8 @@ CPU). Run with MASKRCNN_JAX_SLOW_TESTS=1.
 * end to end: 2 steps on a 64 px built-in dataset, checkpoint, final COCO evaluation -> metrics.json;
 * 1 vs 8 devices: the same global batch gives the same loss and parameters (subprocess with
   --xla_force_host_platform_device_count=8);
-* bfloat16 mixed precision: finite, float32 master weights.
+* bfloat16 mixed precision: finite, float32 master weights;
+* the mmdet fp16 recipe: two float16 steps with its static loss scale 512.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ SCRIPT = textwrap.dedent("""
   from benchmark_train import synthetic_batch
   from maskrcnn_jax import config_lib
   from maskrcnn_jax.modeling.build import build_model, init_variables
-  from maskrcnn_jax.training import optimizer, sharding, train_state
+  from maskrcnn_jax.training import optimizer, sharding, train_state, trainer
   c = config_lib.load_config_file({repo!r} + "/configs/quickstart.py")
   c.model.num_classes = 5
   # SGD: Adam (the quickstart's) scales near-zero gradients to full-size updates, which would turn
@@ -73,7 +74,8 @@ SCRIPT = textwrap.dedent("""
     st = train_state.place_state(
         train_state.create_train_state(variables, tx, jax.random.PRNGKey(1)), mesh)
     step = train_state.make_train_step(model, tx, sched, mesh, st, donate=False,
-                                       loss_kwargs=dict(roi_batch_per_image=32))
+                                       loss_kwargs=dict(roi_batch_per_image=32),
+                                       prepare_batch=trainer.prepare_batch_fn(c))
     losses = []
     for _ in range(2):
       st, m = step(st, sharding.shard_batch(batch, mesh))
@@ -105,7 +107,7 @@ def test_bfloat16_step_keeps_float32_master_weights(tmp_path):
   from benchmark_train import synthetic_batch
   from maskrcnn_jax import config_lib
   from maskrcnn_jax.modeling.build import build_model, init_variables
-  from maskrcnn_jax.training import optimizer, sharding, train_state
+  from maskrcnn_jax.training import optimizer, sharding, train_state, trainer
   c = config_lib.load_config_file(os.path.join(REPO, "configs", "quickstart.py"))
   c.model.num_classes = 5
   model = build_model(c, train=True)
@@ -116,9 +118,24 @@ def test_bfloat16_step_keeps_float32_master_weights(tmp_path):
   st = train_state.place_state(
       train_state.create_train_state(variables, tx, jax.random.PRNGKey(1)), mesh)
   step = train_state.make_train_step(model, tx, sched, mesh, st, compute_dtype=jnp.bfloat16,
-                                     loss_kwargs=dict(roi_batch_per_image=32))
+                                     loss_kwargs=dict(roi_batch_per_image=32),
+                                     prepare_batch=trainer.prepare_batch_fn(c))
   st, m = step(st, sharding.shard_batch(synthetic_batch(c, 2, (64, 64), 3), mesh))
   assert np.isfinite(float(m["loss"])) and float(m["finite"]) == 1.0
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(st.params))
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(st.opt_state)
              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def test_mmdet_fp16_recipe_trains_in_float16(tmp_path):
+  """configs/mmdet/mask_rcnn_r50_fpn_fp16_1x_coco.py (R-50-FPN, float16 compute, mmdet's static
+  loss scale 512) at 64 px: two train steps of the real model, as the trainer builds them."""
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  from benchmark_train import time_train_step
+  from maskrcnn_jax import config_lib
+  c = config_lib.load_config_file(
+      os.path.join(REPO, "configs", "mmdet", "mask_rcnn_r50_fpn_fp16_1x_coco.py"))
+  assert c.model.dtype == "float16" and c.train.loss_scale == "512."
+  c.train.roi_batch_per_image = 32
+  result = time_train_step(c, 2, (64, 64), instances=3, steps=1, warmup=1)
+  assert result["dtype"] == "float16" and np.isfinite(result["loss"])

@@ -165,6 +165,42 @@ def test_roi_targets_basic():
         np.testing.assert_array_equal(out["box_targets"][i], 0.0)
 
 
+def test_roi_rows_of_given_samples_follow_our_matcher_positives_first():
+  """Injected RoIs (`MaskRCNN.losses(samples=...)`): rows in the given order, reordered positives
+  first (stable); positive / class / matched GT come from our matcher, padding stays invalid."""
+  gt = np.array([[10, 10, 50, 50], [60, 10, 100, 60]], np.float32)
+  classes = np.array([3, 7], np.int32)
+  props = np.array([[200, 200, 220, 220], [12, 10, 50, 52], [30, 30, 70, 70]], np.float32)
+  cand = targets.roi_candidates(props, np.ones(3, bool), gt, np.ones(2, bool), convention=D2)
+  np.testing.assert_array_equal(np.asarray(cand["labels"]), [0, 1, 0, 1, 1])
+  index = np.array([2, 4, 0, 1, 3, 0], np.int32)  # candidates 3, 4 are the GT boxes
+  valid = np.array([True, True, True, True, False, False])
+  out = _np(targets.roi_rows(cand, index, valid, gt, classes, convention=D2,
+                             bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), background_class=80))
+  np.testing.assert_array_equal(out["pos"], [True, True, False, False, False, False])
+  np.testing.assert_array_equal(out["valid"], [True, True, True, True, False, False])
+  np.testing.assert_array_equal(out["rois"][:4], [gt[1], props[1], props[2], props[0]])
+  np.testing.assert_array_equal(out["classes"][:4], [7, 3, 80, 80])
+  np.testing.assert_array_equal(out["matched_gt"][:2], [1, 0])
+  np.testing.assert_array_equal(out["rois"][4:], 0.0)
+
+
+def test_roi_targets_is_candidates_sample_rows():
+  """roi_targets = roi_candidates -> sample_rois -> roi_rows (the steps losses() can replace)."""
+  gt = np.array([[10, 10, 50, 50], [60, 10, 100, 60]], np.float32)
+  props = np.array([[12, 10, 50, 52], [200, 200, 220, 220], [61, 12, 99, 60]], np.float32)
+  args = (props, np.ones(3, bool), gt, np.array([2, 5], np.int32), np.ones(2, bool))
+  kw = dict(convention=MM, bbox_reg_weights=(0.1, 0.1, 0.2, 0.2), background_class=80)
+  rng = jax.random.PRNGKey(3)
+  whole = _np(targets.roi_targets(*args, rng, num_samples=4, positive_fraction=0.5, **kw))
+  cand = targets.roi_candidates(props, args[1], gt, args[4], convention=MM)
+  index, valid = targets.sample_rois(cand["labels"], cand["valid"], rng, num_samples=4,
+                                     positive_fraction=0.5)
+  steps = _np(targets.roi_rows(cand, index, valid, gt, args[3], **kw))
+  for k in whole:
+    np.testing.assert_array_equal(whole[k], steps[k], err_msg=k)
+
+
 def test_roi_targets_background_first_layout():
   gt = np.array([[10, 10, 50, 50]], np.float32)
   props = np.array([[200, 200, 220, 220]], np.float32)

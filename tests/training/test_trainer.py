@@ -73,8 +73,9 @@ def test_sigkill_and_restart_continues_the_same_losses(tmp_path, cache_dir):
   expected = tiny.workdir_losses(str(tmp_path / "ref"))
   assert sorted(expected) == list(range(1, steps + 1))
 
+  # The killed and the resumed run load with 2 worker processes, the reference synchronously.
   work = tmp_path / "killed"
-  proc = _subprocess([str(work), cache_dir, str(steps), "--delay", "0.4"])
+  proc = _subprocess([str(work), cache_dir, str(steps), "--delay", "0.4", "--workers", "2"])
   deadline = time.time() + 600
   # Kill once checkpoint 6 is complete and training has gone beyond it.
   while time.time() < deadline:
@@ -90,7 +91,7 @@ def test_sigkill_and_restart_continues_the_same_losses(tmp_path, cache_dir):
   killed_at = max(tiny.workdir_losses(str(work)))
   assert killed_at < steps, "the run finished before it could be killed"
 
-  again = _subprocess([str(work), cache_dir, str(steps)])
+  again = _subprocess([str(work), cache_dir, str(steps), "--workers", "2"])
   out, _ = again.communicate(timeout=600)
   assert again.returncode == 0, out
   assert "resumed from" in out, out
@@ -129,7 +130,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, cache_dir
     batch = original(self)
     count["n"] += 1
     if count["n"] == 5:
-      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      batch = dict(batch, gt_boxes=np.full_like(batch["gt_boxes"], np.nan))
     return batch
 
   monkeypatch.setattr(loader_lib.TrainLoader, "__next__", poisoned)
@@ -156,6 +157,8 @@ def test_workdir_files(tmp_path, cache_dir):
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["model"]["num_classes"] == 5 and saved["category_ids"] == [1, 2, 3, 4, 5]
   assert saved["data"]["train_json"].endswith("instances_train.json")
+  # The BatchNorm eps the run used is recorded (no checkpoint decided it: the convention's).
+  assert saved["model"]["norm_eps"] == 1e-5
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [1, 2, 3]
   assert {"train/loss", "train/lr", "train/loss_box", "train/grad_norm"} <= set(lines[0])
@@ -226,3 +229,63 @@ def test_two_processes_match_one(tmp_path, cache_dir):
     for k in ref.files:
       np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4", "6"]
+
+
+def test_periodic_evaluation_scores_in_the_background(tmp_path, cache_dir, monkeypatch):
+  """Training goes on while a periodic evaluation's COCOeval runs; its metrics land when ready.
+
+  The tiny detector has no evaluation interface, so the inference is replaced by perfect
+  predictions of the built-in val set (ground truth fed back); COCOeval and the metric writing are
+  the real ones. The scoring of the evaluation at step s waits until metrics.jsonl shows step
+  s + 2: were training held up by the scoring, that never happens (the wait times out).
+  """
+  from maskrcnn_jax.evaluation import coco_eval, coco_format, evaluator
+  metrics_file = tmp_path / "metrics.jsonl"
+
+  def train_steps():
+    if not metrics_file.exists():
+      return []
+    return [json.loads(line)["step"] for line in open(metrics_file) if "train/loss" in line]
+
+  inferred_at = {}
+
+  def fake_infer(config, variables, *, annotation_file, image_dir, **unused):
+    gt = coco_eval.load_ground_truth(annotation_file)
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                "score": 1.0, "segmentation": coco_format.encode_mask(gt.annToMask(a))}
+               for a in gt.dataset["annotations"] if not a["iscrowd"]]
+    done = evaluator.Inferred(gt, sorted(gt.getImgIds()), results,
+                              evaluator.InferenceStats(wall=0.01))
+    inferred_at[id(done)] = max(train_steps(), default=0)
+    return done
+
+  real_score = evaluator.score
+  waits = []
+
+  def slow_score(config, done, **kw):
+    if kw.get("workdir") is None:  # a periodic evaluation
+      step = inferred_at[id(done)]
+      t0 = time.time()
+      while max(train_steps(), default=0) < step + 2 and time.time() - t0 < 120:
+        time.sleep(0.05)
+      waits.append((step, max(train_steps()) >= step + 2))
+    return real_score(config, done, **kw)
+
+  monkeypatch.setattr(evaluator, "infer", fake_infer)
+  monkeypatch.setattr(evaluator, "score", slow_score)
+  config = tiny.tiny_config(cache_dir, steps=8)
+  config.train.eval_every = 2
+  config.train.final_eval = True
+  out = _run(config, str(tmp_path))
+  assert waits == [(2, True), (4, True), (6, True)]
+  lines = [json.loads(line) for line in open(metrics_file)]
+  evals = [(i, l["step"]) for i, l in enumerate(lines) if "eval/segm/AP" in l]
+  assert [s for _, s in evals] == [2, 4, 6, 8]
+  assert all(l["eval/bbox/AP"] == 100.0 and l["eval/segm/AP"] == 100.0
+             for l in lines if "eval/segm/AP" in l)
+  # Each periodic evaluation's line comes after the train lines of two later steps.
+  for i, s in evals[:3]:
+    assert any(l.get("step") == s + 2 and "train/loss" in l for l in lines[:i])
+  # The final evaluation is complete when train_and_evaluate returns.
+  final = json.load(open(tmp_path / "metrics.json"))
+  assert final["segm"]["AP"] == 100.0 and out["metrics"]["bbox"]["AP"] == 100.0
