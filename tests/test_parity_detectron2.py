@@ -48,7 +48,7 @@ MODELS = {
                  "mask_rcnn_R_50_DC5_3x", pc.Tolerances(
                      feature_rtol=2e-4, channel_mean_rtol=6e-6, rpn_rtol=2e-4,
                      proposal_score_atol=6e-4, box_head_atol=2e-3, mask_logit_rtol=2e-4,
-                     score_atol=2e-3, box_iou_min=0.998, mask_iou_min=0.98)),
+                     score_atol=1e-3, box_iou_min=0.998, mask_iou_min=0.98)),
     # ResNeXt-101 is noisier in float32 on both sides: detectron2's own float64 run of this
     # fixture differs from its float32 one by 1.3e-4 (P5), 1.8e-3 (proposal logits) and 2.6e-3
     # (scores); ours by 9.2e-5, 1.9e-3 and 9.7e-4.

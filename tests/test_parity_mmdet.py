@@ -49,15 +49,15 @@ CASES = {
                      "mmdet_ms_rcnn_r50_caffe_fpn_1x_coco.tsv", pc.Tolerances(
                          feature_rtol=9e-5, channel_mean_rtol=2e-5, rpn_rtol=2e-4,
                          proposal_score_atol=2e-4, box_head_atol=5e-4, mask_logit_rtol=8e-5,
-                         score_atol=1.3e-3, box_iou_min=0.997, mask_iou_min=0.98)),
+                         score_atol=1e-3, box_iou_min=0.997, mask_iou_min=0.98)),
     # The deeper ResNeXt-101 accumulates more float32 rounding: mmdet's own float32 P5 differs
     # from the same model run in float64 by 1.3e-4 (coffee) and 2.9e-4 (retina_crop) of max
-    # |value|; ours from the float32 reference by up to 2.9e-4, and scores by up to 1.3e-3.
+    # |value|; ours from the float32 reference by up to 2.9e-4; scores agree to 4.0e-4 (limit: the 1e-3 criterion).
     "x101_32x4d": ("parity_mmdet_x101_32x4d.npz", "configs/mmdet/mask_rcnn_x101_32x4d_fpn_1x_coco.py",
                    "mmdet_mask_rcnn_x101_32x4d_fpn_1x_coco.tsv", pc.Tolerances(
                        feature_rtol=6e-4, channel_mean_rtol=5e-5, rpn_rtol=7e-4,
                        proposal_score_atol=6e-4, box_head_atol=2e-3, mask_logit_rtol=4e-4,
-                       score_atol=3e-3, box_iou_min=0.997, mask_iou_min=0.98)),
+                       score_atol=1e-3, box_iou_min=0.997, mask_iou_min=0.98)),
 }
 
 
