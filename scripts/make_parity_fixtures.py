@@ -1,18 +1,32 @@
 #!/usr/bin/env python
-"""Generate tests/fixtures/parity_torchvision.npz from a real torchvision run (CPU).
+"""Generate tests/fixtures/parity_torchvision*.npz from real torchvision runs (CPU).
 
 NOT run by CI (CI has no torch). Run inside the reference venv built by
 ``scripts/reference_env/setup_torchvision_cpu.sh``::
 
     /work/tvenv/bin/python scripts/make_parity_fixtures.py            # calibrate + record + verify
     /work/tvenv/bin/python scripts/make_parity_fixtures.py --verify-only
+    /work/tvenv/bin/python scripts/make_parity_fixtures.py --model v1_weights_none
+    /work/tvenv/bin/python scripts/make_parity_fixtures.py --model v2
+
+``--model`` picks how the model is built, its key file under tests/fixtures/checkpoint_keys, the
+default output and the photographs it records (``MODELS`` below):
+
+  v1_coco (default)  the COCO_V1 build path of ``maskrcnn_resnet50_fpn``  -> parity_torchvision.npz
+                     (3 photographs)
+  v1_weights_none    ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)``: what anyone
+                     who trains their own torchvision model starts from (BatchNorm2d, eps 1e-5,
+                     ``num_batches_tracked`` keys)        -> parity_torchvision_weights_none.npz
+                     (coffee)
+  v2                 ``maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None)``: BatchNorm2d
+                     (eps 1e-5) in the backbone, FPN, box head (4 conv + 1 fc) and mask head, 2 RPN
+                     convs                               -> parity_torchvision_v2.npz (coffee)
 
 What it does
-  1. Builds torchvision's ``maskrcnn_resnet50_fpn`` exactly as the COCO_V1 weights
+  1. v1_coco builds torchvision's ``maskrcnn_resnet50_fpn`` exactly as the COCO_V1 weights
      path of the builder does (FrozenBatchNorm2d backbone, ``overwrite_eps(model, 0.0)``,
-     91 classes, default transform min 800 / max 1333), in eval mode.
-     (``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` would instead
-     build ``nn.BatchNorm2d`` with eps 1e-5 and extra ``num_batches_tracked`` keys.)
+     91 classes, default transform min 800 / max 1333), in eval mode. The other two call the
+     public builders with ``weights=None, weights_backbone=None``, in eval mode.
   2. Weights: every >=2-D tensor is ``maskrcnn_jax.checkpoints.synthetic.seeded_state_dict``'s
      seeded normal tensor z * std, std = He sqrt(2/fan_in) or, for the 9 tensors in the
      fixture's ``scales`` (FPN output convs, head output layers), std = scales[name];
@@ -30,7 +44,14 @@ What it does
          0.2, class logits std 1.5 + per-class bias N(0,0.4^2) (doc: 2.5 / 1, see
          T_CLS_STD), box deltas std 1, mask
          logits std 6; each output channel's mean is removed through its bias first.
-  3. Records reference outputs for three fixture images (see tests/fixtures/README.md).
+     BatchNorm2d layers (v1_weights_none, v2) are calibrated like FrozenBN ones; v2's FPN output
+     levels get their stds T_FPN_STD through the BN affine weight and bias (its convs have no
+     bias), and its head BNs take their statistics from the heads' inputs on the fixture image.
+     v1_weights_none also stores a few channels per backbone BN with a tiny running variance
+     (EPS_SENSITIVE_* below, as trained networks have), their weight adjusted so that the model
+     with eps 1e-5 computes what it would have without them: run with eps 0 instead, those
+     channels are amplified 1.4-2.2x, so the fixture tells the two eps apart.
+  3. Records reference outputs for the model's fixture images (see tests/fixtures/README.md).
   4. Verifies: the state dict regenerated purely from the fixture reproduces the
      recorded detections exactly in a fresh model.
 
@@ -41,6 +62,7 @@ directly, so jax is not needed).
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -61,13 +83,13 @@ import torchvision
 from torchvision.models import resnet50
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.models.detection.mask_rcnn import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 from torchvision.ops import misc as misc_nn_ops
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-KEY_TSV = REPO.parent / "shared" / "reference" / "checkpoint_keys" / "torchvision_maskrcnn_resnet50_fpn_v1.tsv"
-OUT_DEFAULT = REPO / "tests" / "fixtures" / "parity_torchvision.npz"
+FIXTURES = REPO / "tests" / "fixtures"
 
 SEED = 20240607
 # Fixture images (uint8 RGB, stored in the fixture):
@@ -80,6 +102,20 @@ SEED = 20240607
 # other two, and a random network's output spreads scale super-linearly with input
 # contrast, so one set of head scales could not serve all three images.)
 FIXTURE_IMAGES = ("astronaut", "coffee", "retina_crop")
+# --model: the key file (tests/fixtures/checkpoint_keys; the builder's state_dict() must equal
+# it), the default output, the photographs recorded (the later fixtures record one, to keep CI
+# short) and whether the pixels are stored in the fixture (the later ones read
+# tests/fixtures/images, checked by sha256).
+MODELS = {
+    "v1_coco": dict(keys="torchvision_maskrcnn_resnet50_fpn_v1.tsv", out="parity_torchvision.npz",
+                    images=FIXTURE_IMAGES, store_images=True),
+    "v1_weights_none": dict(keys="torchvision_maskrcnn_resnet50_fpn_v1_weights_none.tsv",
+                            out="parity_torchvision_weights_none.npz", images=("coffee",),
+                            store_images=False),
+    "v2": dict(keys="torchvision_maskrcnn_resnet50_fpn_v2.tsv", out="parity_torchvision_v2.npz",
+               images=("coffee",), store_images=False),
+}
+DEFAULT_MODEL = "v1_coco"
 IMAGE_CROPS = {"retina_crop": ("retina", (slice(5, 1405), slice(355, 1055)))}
 # Calibration images for the FrozenBN statistics and the FPN (other scikit-image
 # pictures; several colour ones: BN statistics from grey images alone leave the
@@ -117,6 +153,14 @@ T_BOX_STD = 1.0
 T_MASK_STD = 6.0
 T_MASK_BIAS_STD = 1.5
 HIDDEN_BIAS_REL = 0.1
+# v1_weights_none: in each backbone BN, this fraction of the channels stores a running variance of
+# EPS_SENSITIVE_VAR x U[0.25, 1] (a nearly constant channel, as trained networks have); its weight
+# is multiplied by sqrt((var' + eps) / (var + eps)) so that with eps 1e-5 the layer computes what
+# it computes without the change. With eps 0 such a channel comes out sqrt(1 + eps / var') =
+# 1.4..2.2 times too large: an eps mix-up changes the features and the detections.
+EPS_SENSITIVE_FRACTION = 0.125
+EPS_SENSITIVE_VAR = 1e-5
+BN_EPS = 1e-5
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -147,8 +191,16 @@ def round_sig(x: float, sig: int = 4) -> float:
     return float(f"{x:.{sig - 1}e}")
 
 
-def build_model() -> MaskRCNN:
-    """maskrcnn_resnet50_fpn as built for weights=COCO_V1 (FrozenBN, eps 0), untrained."""
+def build_model(which: str = DEFAULT_MODEL) -> MaskRCNN:
+    """The untrained model of `which` (MODELS), in eval mode.
+
+    v1_coco: maskrcnn_resnet50_fpn as built for weights=COCO_V1 (FrozenBN, eps 0). The others are
+    the public builders with weights=None, weights_backbone=None (BatchNorm2d, eps 1e-5)."""
+    if which == "v1_weights_none":
+        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    if which == "v2":
+        return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).eval()
+    assert which == "v1_coco", which
     backbone = resnet50(weights=None, progress=False, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
     backbone = _resnet_fpn_extractor(backbone, 3)      # trainable layers: 3 (as with weights)
     model = MaskRCNN(backbone, num_classes=91)         # min_size 800, max_size 1333
@@ -160,13 +212,13 @@ def model_keys(model) -> list:
     return [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()]
 
 
-def check_keys(keys, synthetic) -> None:
-    ref = synthetic.read_key_tsv(str(KEY_TSV))
+def check_keys(keys, synthetic, key_tsv: Path) -> None:
+    ref = synthetic.read_key_tsv(str(key_tsv))
     ref_ns = [(r[0], tuple(int(s) for s in r[1])) for r in ref]
     got_ns = [(k, s) for k, s, _ in keys]
     if ref_ns != got_ns:
         missing = set(ref_ns) ^ set(got_ns)
-        raise SystemExit(f"state_dict keys differ from {KEY_TSV.name}: {sorted(missing)[:10]}")
+        raise SystemExit(f"state_dict keys differ from {key_tsv.name}: {sorted(missing)[:10]}")
 
 
 def make_state_dict(synthetic, keys, scales, overrides):
@@ -253,8 +305,42 @@ def set_bias(ov: dict, mod, name: str, out_std: float) -> None:
     ov[f"{name}.bias"] = b
 
 
+BN_TYPES = (misc_nn_ops.FrozenBatchNorm2d, torch.nn.BatchNorm2d)
+
+
+def set_bn(ov: dict, mod, name: str, m: torch.Tensor, v: torch.Tensor, eps_sensitive: bool = False,
+           rng=None) -> None:
+    """BN layer `name` from the per-channel mean `m` / variance `v` (float64) of its input:
+    running mean m + 0.1 std N(0, 1), running var v x U[0.5, 2], weight U[0.5, 1.5], bias
+    N(0, 0.1^2); written to the module and to `ov`. eps_sensitive: see EPS_SENSITIVE_FRACTION.
+    rng: the generator factory (default `rng_for`; the detectron2 generator passes its own)."""
+    r = (rng or rng_for)("bn", name)
+    c = m.shape[0]
+    rm = m.numpy() + 0.1 * np.sqrt(v.numpy()) * r.standard_normal(c)
+    rv = v.numpy() * r.uniform(0.5, 2.0, c)
+    wt = r.uniform(0.5, 1.5, c)
+    bs = 0.1 * r.standard_normal(c)
+    if eps_sensitive:
+        q = rng_for("eps_sensitive", name)
+        pick = q.random(c) < EPS_SENSITIVE_FRACTION
+        tiny = EPS_SENSITIVE_VAR * q.uniform(0.25, 1.0, c)
+        wt = np.where(pick, wt * np.sqrt((tiny + BN_EPS) / (rv + BN_EPS)), wt)
+        rv = np.where(pick, tiny, rv)
+    for attr, val in (("running_mean", rm), ("running_var", rv), ("weight", wt), ("bias", bs)):
+        arr = val.astype(np.float32)
+        getattr(mod, attr).copy_(torch.from_numpy(arr))
+        ov[f"{name}.{attr}"] = arr
+
+
+def set_conv_bn(ov: dict, blk, name: str, xs) -> None:
+    """A head's Conv2dNormActivation `name` (conv without bias, BN, ReLU; torchvision v2): the BN
+    from its input's statistics over all RoIs of `xs` (per image, [R, C, H, W])."""
+    y = torch.cat([blk[0](x) for x in xs]).double()
+    set_bn(ov, blk[1], f"{name}.1", y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False).clamp_min(1e-12))
+
+
 @torch.no_grad()
-def calibrate(model, synthetic, keys):
+def calibrate(model, synthetic, keys, images=FIXTURE_IMAGES, eps_sensitive: bool = False):
     t0 = time.time()
     scales: dict = {}
     ov: dict = {}
@@ -264,24 +350,26 @@ def calibrate(model, synthetic, keys):
     padded = tuple(il.tensors.shape[-2:])
     print(f"[calib] {len(imgs)} images, sizes {il.image_sizes}, padded {padded}", flush=True)
 
-    # ---- pass A: FrozenBN statistics (pre-hooks) + FPN conv biases (forward hooks), one pass.
+    # ---- pass A: backbone BN statistics (pre-hooks) + FPN conv biases (forward hooks), one pass;
+    # v2: the FPN's BNs (pre-hooks) and the output levels' scale (forward hooks on their BN).
     hooks = []
     name_of = {m: n for n, m in model.named_modules()}
 
     def bn_hook(mod, inp):
-        name = name_of[mod]
         x = inp[0]
         m, v = masked_stats(x, valid_hw(il.image_sizes, padded, x.shape[-2:]))
-        r = rng_for("bn", name)
-        c = x.shape[1]
-        rm = m.numpy() + 0.1 * np.sqrt(v.numpy()) * r.standard_normal(c)
-        rv = v.numpy() * r.uniform(0.5, 2.0, c)
-        wt = r.uniform(0.5, 1.5, c)
-        bs = 0.1 * r.standard_normal(c)
-        for attr, val in (("running_mean", rm), ("running_var", rv), ("weight", wt), ("bias", bs)):
-            arr = val.astype(np.float32)
+        set_bn(ov, mod, name_of[mod], m, v, eps_sensitive and name_of[mod].startswith("backbone.body."))
+
+    def fpn_bn_hook(mod, inp, out):
+        # v2 FPN output block (conv without bias, BN): weight and bias of the BN scaled so that the
+        # level's output has the std T_FPN_STD[level].
+        name = name_of[mod]
+        k = T_FPN_STD[int(name.split(".")[-2])] / float(out.double().std())
+        for attr in ("weight", "bias"):
+            arr = (getattr(mod, attr).double() * k).numpy().astype(np.float32)
             getattr(mod, attr).copy_(torch.from_numpy(arr))
             ov[f"{name}.{attr}"] = arr
+        return out * k
 
     def fpn_hook(mod, inp, out):
         # FPN 1x1 lateral / 3x3 output convs (bias still 0 here): set the bias, and for
@@ -301,11 +389,15 @@ def calibrate(model, synthetic, keys):
         return out + mod.bias.view(1, -1, 1, 1)
 
     for n, m in model.backbone.body.named_modules():
-        if isinstance(m, misc_nn_ops.FrozenBatchNorm2d):
+        if isinstance(m, BN_TYPES):
             hooks.append(m.register_forward_pre_hook(bn_hook))
     for n, m in model.backbone.fpn.named_modules():
-        if isinstance(m, torch.nn.Conv2d):
+        if isinstance(m, torch.nn.Conv2d) and m.bias is not None:           # v1
             hooks.append(m.register_forward_hook(fpn_hook))
+        elif isinstance(m, torch.nn.BatchNorm2d):                            # v2
+            hooks.append(m.register_forward_pre_hook(bn_hook))
+            if n.startswith("layer_blocks."):
+                hooks.append(m.register_forward_hook(fpn_bn_hook))
     feats = model.backbone(il.tensors)
     for h in hooks:
         h.remove()
@@ -319,18 +411,19 @@ def calibrate(model, synthetic, keys):
 
     # ---- heads, on the fixture images one at a time (see HEAD_CALIB note at the top).
     sets = []
-    for name in FIXTURE_IMAGES:
+    for name in images:
         il1, _ = model.transform([to_tv_input(image_rgb(name))])
         sets.append((il1, model.backbone(il1.tensors)))
     print(f"[calib] fixture-image features {time.time() - t0:.0f}s", flush=True)
 
-    # RPN head: hidden 3x3 conv bias, then the two output layers (all levels pooled).
+    # RPN head: hidden 3x3 conv biases (v2: two convs), then the two output layers (all levels pooled).
     head = model.rpn.head
-    conv = head.conv[0][0]
-    pre = torch.cat([torch.nn.functional.conv2d(f, conv.weight, None, padding=1).flatten()
-                     for _, fe in sets for f in fe.values()])
-    set_bias(ov, conv, "rpn.head.conv.0.0", float(pre.double().std()))
-    del pre
+    xs = [f for _, fe in sets for f in fe.values()]
+    for i, blk in enumerate(head.conv):
+        pre = torch.cat([torch.nn.functional.conv2d(x, blk[0].weight, None, padding=1).flatten() for x in xs])
+        set_bias(ov, blk[0], f"rpn.head.conv.{i}.0", float(pre.double().std()))
+        del pre
+        xs = [blk(x) for x in xs] if i + 1 < len(head.conv) else None
 
     def rpn_raw(w):   # per image: (positions of all levels, channels) at scale 1, no bias
         return [torch.cat([torch.nn.functional.conv2d(head.conv(f), w).permute(0, 2, 3, 1).reshape(-1, w.shape[0])
@@ -351,12 +444,23 @@ def calibrate(model, synthetic, keys):
     # Box head: proposals -> fc6/fc7 biases -> box predictor scales.
     rh = model.roi_heads
     props = [model.rpn(il1, fe)[0] for il1, fe in sets]
-    xs = [rh.box_roi_pool(fe, pr, il1.image_sizes).flatten(1) for (il1, fe), pr in zip(sets, props)]
-    for fc_name in ("fc6", "fc7"):
-        fc = getattr(rh.box_head, fc_name)
-        y = torch.cat([torch.nn.functional.linear(x, fc.weight) for x in xs])
-        set_bias(ov, fc, f"roi_heads.box_head.{fc_name}", float(y.double().std()))
-        xs = [torch.relu(fc(x)) for x in xs]
+    xs = [rh.box_roi_pool(fe, pr, il1.image_sizes) for (il1, fe), pr in zip(sets, props)]
+    if isinstance(rh.box_head, FastRCNNConvFCHead):
+        # v2: 4 x (conv, BN, ReLU), Flatten, Linear, ReLU.
+        for i, blk in enumerate(rh.box_head):
+            if isinstance(blk, misc_nn_ops.Conv2dNormActivation):
+                set_conv_bn(ov, blk, f"roi_heads.box_head.{i}", xs)
+            elif isinstance(blk, torch.nn.Linear):
+                y = torch.cat([torch.nn.functional.linear(x, blk.weight) for x in xs])
+                set_bias(ov, blk, f"roi_heads.box_head.{i}", float(y.double().std()))
+            xs = [blk(x) for x in xs]
+    else:
+        xs = [x.flatten(1) for x in xs]
+        for fc_name in ("fc6", "fc7"):
+            fc = getattr(rh.box_head, fc_name)
+            y = torch.cat([torch.nn.functional.linear(x, fc.weight) for x in xs])
+            set_bias(ov, fc, f"roi_heads.box_head.{fc_name}", float(y.double().std()))
+            xs = [torch.relu(fc(x)) for x in xs]
     bp = rh.box_predictor
     sc, mean = centred_scale([torch.nn.functional.linear(x, bp.cls_score.weight).double() for x in xs],
                               T_CLS_STD, bp.cls_score.weight)
@@ -379,9 +483,12 @@ def calibrate(model, synthetic, keys):
         print(f"    {len(scores[0])} detections, scores {float(scores[0].min()):.3f}..{float(scores[0].max()):.3f}")
         xs.append(rh.mask_roi_pool(fe, boxes, il1.image_sizes))
     for i, blk in enumerate(rh.mask_head):
-        cv = blk[0]
-        y = torch.cat([torch.nn.functional.conv2d(x, cv.weight, None, padding=1).flatten() for x in xs])
-        set_bias(ov, cv, f"roi_heads.mask_head.{i}.0", float(y.double().std()))
+        if isinstance(blk[1], torch.nn.BatchNorm2d):         # v2: conv without bias, BN, ReLU
+            set_conv_bn(ov, blk, f"roi_heads.mask_head.{i}", xs)
+        else:                                                # v1: conv with bias, ReLU
+            cv = blk[0]
+            y = torch.cat([torch.nn.functional.conv2d(x, cv.weight, None, padding=1).flatten() for x in xs])
+            set_bias(ov, cv, f"roi_heads.mask_head.{i}.0", float(y.double().std()))
         xs = [blk(x) for x in xs]
     mp = rh.mask_predictor
     y = torch.cat([torch.nn.functional.conv_transpose2d(x, mp.conv5_mask.weight, None, stride=2).flatten()
@@ -425,12 +532,13 @@ def rle_runs(mask: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def record_image(model, name: str) -> dict:
+def record_image(model, name: str, store_image: bool = True) -> dict:
     img = image_rgb(name)
     x = to_tv_input(img)
     out = {}
     p = f"{name}/"
-    out[p + "image"] = img
+    if store_image:
+        out[p + "image"] = img
     out[p + "image_sha256"] = np.array(hashlib.sha256(img.tobytes()).hexdigest())
     out[p + "image_hw"] = np.array(img.shape[:2], np.int32)
 
@@ -562,9 +670,9 @@ def tv_roi_level(boxes: np.ndarray) -> np.ndarray:
     return (np.clip(k, 2, 5) - 2).astype(np.int64)
 
 
-def quality_report(arrs: dict) -> list:
+def quality_report(arrs: dict, images=FIXTURE_IMAGES) -> list:
     lines, problems = [], []
-    for name in FIXTURE_IMAGES:
+    for name in images:
         s = arrs[f"{name}/det/scores"].astype(np.float64)
         lab = arrs[f"{name}/det/labels"]
         area = arrs[f"{name}/det/mask_area"]
@@ -599,27 +707,58 @@ def quality_report(arrs: dict) -> list:
     return lines, problems
 
 
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[N, 4] x [M, 4] xyxy -> [N, M] IoU."""
+    return torchvision.ops.box_iou(torch.from_numpy(a).double(), torch.from_numpy(b).double()).numpy()
+
+
+@torch.no_grad()
+def eps_mixup_report(model, arrs: dict, images) -> list:
+    """The recorded model run with its BN eps overwritten by 0 (what eps 0 for this checkpoint
+    would give): how many of the recorded detections survive (same class, box IoU >= 0.99)."""
+    model = copy.deepcopy(model)
+    for m in model.modules():      # torchvision's overwrite_eps only touches FrozenBatchNorm2d
+        if isinstance(m, BN_TYPES):
+            m.eps = 0.0
+    lines = []
+    for name in images:
+        o = model([to_tv_input(image_rgb(name))])[0]
+        iou = box_iou(arrs[f"{name}/det/boxes"], o["boxes"].numpy())
+        iou[arrs[f"{name}/det/labels"][:, None] != o["labels"].numpy()[None, :]] = 0
+        lines.append(f"{name}: with eps 0, {int((iou.max(1) >= 0.99).sum())} of "
+                     f"{len(arrs[f'{name}/det/boxes'])} detections remain")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=OUT_DEFAULT)
+    ap.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL,
+                    help="how the model is built (key file, default output, photographs)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output npz (default: tests/fixtures/<the model's fixture>)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verify-only", action="store_true", help="only re-run the fixture check")
     args = ap.parse_args()
 
+    spec = MODELS[args.model]
+    images = spec["images"]
+    if args.out is None:
+        args.out = FIXTURES / spec["out"]
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     synthetic = load_synthetic()
-    model = build_model()
+    model = build_model(args.model)
     keys = model_keys(model)
-    check_keys(keys, synthetic)
+    check_keys(keys, synthetic, FIXTURES / "checkpoint_keys" / spec["keys"])
 
     if not args.verify_only:
-        scales, one_d = calibrate(model, synthetic, keys)
+        scales, one_d = calibrate(model, synthetic, keys, images,
+                                  eps_sensitive=args.model == "v1_weights_none")
         # Final weights: regenerated from (seed, scales, stored 1-D tensors) only.
         sd = state_dict_from_fixture(
             {"scale_names": np.array(list(scales)), "scale_values": np.array(list(scales.values())),
              **{"w/" + k: v for k, v in one_d.items()}}, synthetic, keys)
-        model = build_model()
+        model = build_model(args.model)
         model.load_state_dict(sd)
 
         arrs = OrderedDict()
@@ -628,15 +767,25 @@ def main():
             "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
             "scikit-image": skimage.__version__, "pycocotools": _pycocotools_version(),
             "python": sys.version.split()[0]}))
+        if args.model == "v1_coco":
+            model_desc = {"model": "torchvision.models.detection.maskrcnn_resnet50_fpn, COCO_V1 build path "
+                                   "(FrozenBatchNorm2d, overwrite_eps(model, 0.0)), num_classes=91, eval",
+                          "min_size": 800, "max_size": 1333, "frozen_bn_eps": 0.0}
+        else:
+            builder = {"v1_weights_none": "maskrcnn_resnet50_fpn", "v2": "maskrcnn_resnet50_fpn_v2"}[args.model]
+            model_desc = {"model": f"torchvision.models.detection.{builder}(weights=None, weights_backbone=None)"
+                                   ", num_classes=91, eval",
+                          "min_size": 800, "max_size": 1333, "norm": "BatchNorm2d", "bn_eps": BN_EPS}
+            if args.model == "v1_weights_none":
+                model_desc["eps_sensitive_channels"] = {"fraction": EPS_SENSITIVE_FRACTION,
+                                                        "running_var": [EPS_SENSITIVE_VAR / 4, EPS_SENSITIVE_VAR]}
         arrs["config"] = np.array(json.dumps({
-            "model": "torchvision.models.detection.maskrcnn_resnet50_fpn, COCO_V1 build path "
-                     "(FrozenBatchNorm2d, overwrite_eps(model, 0.0)), num_classes=91, eval",
-            "min_size": 800, "max_size": 1333, "frozen_bn_eps": 0.0,
+            **model_desc,
             "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
             "input": "uint8 RGB image -> float32 CHW / 255",
             "mask_binarization": "pasted soft mask > 0.5",
             "torch_threads": args.threads}))
-        arrs["image_names"] = np.array(FIXTURE_IMAGES)
+        arrs["image_names"] = np.array(images)
         arrs["calibration_images"] = np.array(CALIB_IMAGES)
         arrs["scale_names"] = np.array(list(scales))
         arrs["scale_values"] = np.array(list(scales.values()), np.float64)
@@ -645,11 +794,13 @@ def main():
         arrs["checksum_first8"] = np.stack([sd[k].flatten()[:8].numpy() for k in CHECKSUM_KEYS]).astype(np.float32)
         for k, v in one_d.items():
             arrs["w/" + k] = v
-        for name in FIXTURE_IMAGES:
+        for name in images:
             t0 = time.time()
-            arrs.update(record_image(model, name))
+            arrs.update(record_image(model, name, spec["store_images"]))
             print(f"[record] {name} {time.time() - t0:.0f}s", flush=True)
-        lines, problems = quality_report(arrs)
+        lines, problems = quality_report(arrs, images)
+        if args.model == "v1_weights_none":
+            lines += eps_mixup_report(model, arrs, images)
         print("\n".join(lines))
         if problems:
             print("QUALITY PROBLEMS:\n  " + "\n  ".join(problems))
@@ -661,12 +812,12 @@ def main():
     sd = state_dict_from_fixture(fx, synthetic, keys)
     for n, s in zip(fx["checksum_names"], fx["checksum_sums"]):
         assert sd[str(n)].double().sum().item() == s, f"checksum mismatch for {n}: RNG stream changed?"
-    model = build_model()
+    model = build_model(args.model)
     model.load_state_dict(sd)
     with torch.no_grad():
         for name in [str(n) for n in fx["image_names"]]:
-            img = fx[f"{name}/image"]
-            assert np.array_equal(img, image_rgb(name))
+            img = image_rgb(name)
+            assert hashlib.sha256(img.tobytes()).hexdigest() == str(fx[f"{name}/image_sha256"]), name
             o = model([to_tv_input(img)])[0]
             for k, dt in (("boxes", np.float32), ("scores", np.float32), ("labels", np.int32)):
                 assert np.array_equal(o[k].numpy().astype(dt), fx[f"{name}/det/{k}"]), f"{name}: {k} differ"

@@ -9,6 +9,7 @@ NOT run by CI (CI has neither torch nor detectron2). Runs in the torchvision ref
     /work/tvenv/bin/python scripts/make_parity_fixtures_d2.py --verify-only
     /work/tvenv/bin/python scripts/make_parity_fixtures_d2.py --model R_50_C4_3x
     /work/tvenv/bin/python scripts/make_parity_fixtures_d2.py --model R_50_DC5_3x --verify-only
+    /work/tvenv/bin/python scripts/make_parity_fixtures_d2.py --model X_101_32x8d_FPN_3x
 
 ``--model`` picks the detectron2 model-zoo config (``MODELS`` below), its key file under
 tests/fixtures/checkpoint_keys and the default output:
@@ -16,6 +17,9 @@ tests/fixtures/checkpoint_keys and the default output:
   R_50_FPN_3x (default)  mask_rcnn_R_50_FPN_3x.yaml  -> parity_detectron2.npz
   R_50_C4_3x             mask_rcnn_R_50_C4_3x.yaml   -> parity_detectron2_R_50_C4.npz
   R_50_DC5_3x            mask_rcnn_R_50_DC5_3x.yaml  -> parity_detectron2_R_50_DC5.npz
+  X_101_32x8d_FPN_3x     mask_rcnn_X_101_32x8d_FPN_3x.yaml -> parity_detectron2_X_101_32x8d.npz
+                         (ResNeXt-101 32x8d, stride in the 3x3 conv, PIXEL_STD (57.375, 57.12,
+                         58.395); the coffee photograph only, to keep CI short)
 
 The detectron2 twin of scripts/make_parity_fixtures.py (torchvision); it imports that script's
 helpers (image loading, sampling, RLE, npz writer, calibration arithmetic) and keeps its
@@ -93,7 +97,8 @@ from detectron2.structures import Instances
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 # --model: the model-zoo config, its key file (tests/fixtures/checkpoint_keys), the default output,
-# and the 3 tensors whose sums guard numpy's RNG stream (C4/DC5 have no FPN, so no 'bottom_up.').
+# the 3 tensors whose sums guard numpy's RNG stream (C4/DC5 have no FPN, so no 'bottom_up.') and
+# the photographs recorded (default: all three).
 MODELS = {
     "R_50_FPN_3x": dict(
         config="COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
@@ -110,6 +115,12 @@ MODELS = {
         keys="detectron2_mask_rcnn_R_50_DC5_3x.tsv", out="parity_detectron2_R_50_DC5.npz",
         checksum=("backbone.stem.conv1.weight", "backbone.res4.5.conv2.weight",
                   "roi_heads.box_predictor.cls_score.weight")),
+    "X_101_32x8d_FPN_3x": dict(
+        config="COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml",
+        keys="detectron2_mask_rcnn_X_101_32x8d_FPN_3x.tsv", out="parity_detectron2_X_101_32x8d.npz",
+        checksum=("backbone.bottom_up.stem.conv1.weight", "backbone.bottom_up.res4.5.conv2.weight",
+                  "roi_heads.box_predictor.cls_score.weight"),
+        images=("coffee",)),
 }
 DEFAULT_MODEL = "R_50_FPN_3x"
 
@@ -259,7 +270,7 @@ def sha256(a: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- calibration
 @torch.no_grad()
-def calibrate(cfg, model, synthetic, keys):
+def calibrate(cfg, model, synthetic, keys, images=FIXTURE_IMAGES):
     t0 = time.time()
     scales: dict = {}
     ov: dict = {}
@@ -276,19 +287,9 @@ def calibrate(cfg, model, synthetic, keys):
         name_of.update({m: "roi_heads.res5." + n for n, m in model.roi_heads.res5.named_modules()})
 
     def bn_hook(mod, inp):
-        name = name_of[mod]
         x = inp[0]
         m, v = TV.masked_stats(x, TV.valid_hw(il.image_sizes, padded, x.shape[-2:]))
-        r = rng_for("bn", name)
-        c = x.shape[1]
-        rm = m.numpy() + 0.1 * np.sqrt(v.numpy()) * r.standard_normal(c)
-        rv = v.numpy() * r.uniform(0.5, 2.0, c)
-        wt = r.uniform(0.5, 1.5, c)
-        bs = 0.1 * r.standard_normal(c)
-        for attr, val in (("running_mean", rm), ("running_var", rv), ("weight", wt), ("bias", bs)):
-            arr = val.astype(np.float32)
-            getattr(mod, attr).copy_(torch.from_numpy(arr))
-            ov[f"{name}.{attr}"] = arr
+        TV.set_bn(ov, mod, name_of[mod], m, v, rng=rng_for)
 
     def fpn_hook(mod, inp, out):
         # d2 FPN 1x1 lateral (fpn_lateral{k}) / 3x3 output (fpn_output{k}) convs, k = 2..5: set the
@@ -340,7 +341,7 @@ def calibrate(cfg, model, synthetic, keys):
 
     # ---- heads, on the fixture images one at a time (TV's HEAD_CALIB note).
     sets = []
-    for name in FIXTURE_IMAGES:
+    for name in images:
         il1 = model.preprocess_image([d2_input(cfg, image_bgr(name))[1]])
         sets.append((il1, model.backbone(il1.tensor)))
     print(f"[calib] fixture-image features {time.time() - t0:.0f}s", flush=True)
@@ -589,9 +590,9 @@ def d2_adaptive_grid(boxes: np.ndarray, stride: float, output_size: int) -> np.n
                       np.ceil((b[:, 2] - b[:, 0]) / stride / output_size)).astype(np.int64)
 
 
-def quality_report(arrs: dict, fpn: bool = True, box_pooler_res: int = 7):
+def quality_report(arrs: dict, fpn: bool = True, box_pooler_res: int = 7, images=FIXTURE_IMAGES):
     lines, problems = [], []
-    for name in FIXTURE_IMAGES:
+    for name in images:
         s = arrs[f"{name}/det/scores"].astype(np.float64)
         lab = arrs[f"{name}/det/labels"]
         area = arrs[f"{name}/det/mask_area"]
@@ -673,6 +674,7 @@ def main():
     args = ap.parse_args()
 
     spec = MODELS[args.model]
+    images = spec.get("images", FIXTURE_IMAGES)
     if args.out is None:
         args.out = FIXTURES / spec["out"]
     checksum_keys = spec["checksum"]
@@ -687,7 +689,7 @@ def main():
     fpn = is_fpn(model)
 
     if not args.verify_only:
-        scales, one_d = calibrate(cfg, model, synthetic, keys)
+        scales, one_d = calibrate(cfg, model, synthetic, keys, images)
         # Final weights: regenerated from (seed, scales, stored 1-D tensors) only.
         sd = state_dict_from_fixture(
             {"seed": SEED, "scale_names": np.array(list(scales)), "scale_values": np.array(list(scales.values())),
@@ -713,6 +715,9 @@ def main():
             "input": "skimage RGB uint8 -> BGR (read_image format BGR) -> resize -> float32 CHW",
             "mask_binarization": "paste_masks_in_image (grid_sample) >= 0.5",
             "torch_threads": args.threads}
+        if cfg.MODEL.RESNETS.NUM_GROUPS > 1:     # ResNeXt
+            config.update({"depth": cfg.MODEL.RESNETS.DEPTH, "num_groups": cfg.MODEL.RESNETS.NUM_GROUPS,
+                           "width_per_group": cfg.MODEL.RESNETS.WIDTH_PER_GROUP})
         if not fpn:     # the settings that differ between the C4 / DC5 rows and FPN
             a = cfg.MODEL.ANCHOR_GENERATOR
             config.update({
@@ -737,8 +742,8 @@ def main():
                 "nms_thresh_test": cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST,
                 "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE})
         arrs["config"] = np.array(json.dumps(config))
-        arrs["image_names"] = np.array(FIXTURE_IMAGES)
-        arrs["image_sources"] = np.array(json.dumps({n: image_source(n) for n in FIXTURE_IMAGES}))
+        arrs["image_names"] = np.array(images)
+        arrs["image_sources"] = np.array(json.dumps({n: image_source(n) for n in images}))
         arrs["calibration_images"] = np.array(CALIB_IMAGES)
         if fpn:
             arrs["fpn_levels"] = np.array(FPN_LEVELS)
@@ -753,11 +758,11 @@ def main():
         arrs["checksum_first8"] = np.stack([sd[k].flatten()[:8].numpy() for k in checksum_keys]).astype(np.float32)
         for k, v in one_d.items():
             arrs["w/" + k] = v
-        for name in FIXTURE_IMAGES:
+        for name in images:
             t0 = time.time()
             arrs.update(record_image(cfg, model, name))
             print(f"[record] {name} {time.time() - t0:.0f}s", flush=True)
-        lines, problems = quality_report(arrs, fpn, cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION)
+        lines, problems = quality_report(arrs, fpn, cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, images)
         print("\n".join(lines))
         if problems:
             print("QUALITY PROBLEMS:\n  " + "\n  ".join(problems))
