@@ -514,6 +514,20 @@ def check_masks(tag: str, mc: MaskCase, tol: Tolerances, obs: Observed) -> None:
   obs.add("masks pixel-identical", exact / len(ious), low_is_worse=True)
 
 
+def check_reference_masks(tag: str, m: Matched, raw, fx, p: str, hw, convention: str,
+                          tol: Tolerances, obs: Observed) -> int:
+  """The masks of one image whose fixture records `<p>det/{boxes,mask_rle_coco,mask_logits}`
+  (torchvision, detectron2): our paste alone on the reference's own probabilities and boxes
+  (`reference_paste_diff`), then our masks (`check_masks`). Returns the paste's differing pixels."""
+  ref_boxes = fx[p + "det/boxes"]
+  ref_masks = decode_rles(fx[p + "det/mask_rle_coco"], hw)
+  ref_probs = sigmoid32(fx[p + "det/mask_logits"])
+  mc = mask_case(m, raw, ref_masks, ref_probs, ref_boxes, hw, convention)
+  paste_diff = reference_paste_diff(tag, mc.paste, ref_probs, ref_boxes, ref_masks)
+  check_masks(tag, mc, tol, obs)
+  return paste_diff
+
+
 def reference_paste_diff(tag: str, paste: Callable, probs, boxes, ref_masks) -> int:
   """Our paste alone on the reference's own probabilities [D, M, M] and boxes [D, 4]: at most 2
   pixels per mask may differ from the reference's masks [H, W, D] (sigmoid ulps at 0.5).

@@ -128,13 +128,10 @@ def test_parity_stage_by_stage(setup):
     flip = pc.roi_flips(predictor, feats, fx[p + "proposals"], ours, fx[p + "det/boxes_resized"], tol)
     m = pc.match_detections(name, raw, ref_boxes, fx[p + "det/scores"], fx[p + "det/labels"], tol,
                             obs, roi_flip=flip)
-    hw = image.shape[:2]
-    ref_masks = pc.decode_rles(fx[p + "det/mask_rle_coco"], hw)
-    ref_probs = pc.sigmoid32(fx[p + "det/mask_logits"])
-    mc = pc.mask_case(m, raw, ref_masks, ref_probs, ref_boxes, hw, config.convention)
-    # The paste alone, on the reference's own probabilities and boxes: exact up to sigmoid ulps.
-    paste_diff = pc.reference_paste_diff(name, mc.paste, ref_probs, ref_boxes, ref_masks)
-    pc.check_masks(name, mc, tol, obs)
+    # The paste alone on the reference's own probabilities and boxes (exact up to sigmoid ulps),
+    # then our masks.
+    paste_diff = pc.check_reference_masks(name, m, raw, fx, p, image.shape[:2], config.convention,
+                                          tol, obs)
     report.append(f"[{case}] {name}: {len(m.match)}/{len(ref_boxes)} dets matched; paste of the "
                   f"reference's masks: {paste_diff} px differ")
   print("\n".join(report + [f"[{case}] worst: {obs.summary()}"]))
