@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from maskrcnn_jax import cli, inference
+from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax.checkpoints import orbax_io, provenance
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_format, visualize
@@ -48,7 +49,7 @@ def predict(config, checkpoint: str, out: str, images, draw_threshold: float = 0
     entries = coco_format.detections_to_coco(
         os.path.basename(path), dets["boxes"], dets["scores"], dets["category_ids"],
         dets["masks"], mask_scores=dets.get("mask_scores"),
-        float64_subtract=config.convention == "mmdet")
+        float64_subtract=conventions_lib.get(config.convention).coco_wh_float64)
     results.extend(entries)
     rgb = image[..., ::-1] if not transforms.decoder_is_rgb(config.convention) else image
     visualize.draw(rgb, dets, names, os.path.join(out, f"{stem}.png"), threshold=draw_threshold)

@@ -263,14 +263,14 @@ class CocoDataset:
   def _degenerate(self, x: float, y: float, w: float, h: float, ann: Dict[str, Any], H: int,
                   W: int) -> bool:
     """The convention's degenerate-box rule (module docstring), original-image pixels."""
-    name = self.convention.name
+    rule = self.convention.degenerate_box_rule
     cw = min(x + w, W) - max(x, 0.0)
     ch = min(y + h, H) - max(y, 0.0)
-    if name == "mmdet":
+    if rule == "mmdet":
       # mmdet/datasets/coco.py:_parse_ann_info
       inter = max(0.0, cw) * max(0.0, ch)
       return inter == 0 or ("area" in ann and ann["area"] <= 0) or w < 1 or h < 1
-    if name == "detectron2":
+    if rule == "detectron2":
       return cw <= 1e-5 or ch <= 1e-5
     return cw <= 0 or ch <= 0  # torchvision: keep x2 > x1 and y2 > y1 after clamping
 

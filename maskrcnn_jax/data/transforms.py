@@ -43,7 +43,7 @@ def _convention(convention: Union[str, conventions_lib.Convention]) -> conventio
 
 def decoder_is_rgb(convention: Union[str, conventions_lib.Convention]) -> bool:
   """True where `read_image` returns RGB (torchvision); False for BGR (mmdet, detectron2)."""
-  return _convention(convention).name == "torchvision"
+  return _convention(convention).channel_order == "rgb"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,15 +93,15 @@ def read_image(path: Union[str, os.PathLike], *,
   Raises:
     ImageReadError: the file is missing, unreadable, or not a decodable image.
   """
-  name = _convention(convention).name
+  conv = _convention(convention)
   path = os.fspath(path)
   try:
     with open(path, "rb") as f:
-      if name == "mmdet":
+      if conv.decoder == "cv2":
         data = f.read()
       else:
         image = Image.open(f)
-        if name == "detectron2":
+        if conv.decode_exif_transpose:
           image = _apply_exif_orientation(image)
         # .convert() forces the full decode while the file is open: truncated files raise here.
         out = np.asarray(image.convert("RGB"))
@@ -110,7 +110,7 @@ def read_image(path: Union[str, os.PathLike], *,
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     # PIL.UnidentifiedImageError and truncated-file errors are OSErrors.
     raise ImageReadError(f"cannot read or decode image {path}: {e}") from e
-  if name == "mmdet":
+  if conv.decoder == "cv2":
     buf = np.frombuffer(data, np.uint8)
     try:
       out = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
@@ -118,7 +118,8 @@ def read_image(path: Union[str, os.PathLike], *,
       raise ImageReadError(f"cv2.imdecode failed on image {path}: {e}") from e
     if out is None:
       raise ImageReadError(f"cv2.imdecode could not decode image {path}")
-  elif name == "detectron2":
+  decoded_order = "bgr" if conv.decoder == "cv2" else "rgb"  # cv2 decodes BGR, PIL RGB
+  if decoded_order != conv.channel_order:
     out = out[:, :, ::-1]
   if out.ndim != 3 or out.shape[2] != 3 or out.dtype != np.uint8 or 0 in out.shape:
     raise ImageReadError(f"decoded image {path} has unexpected shape {out.shape} / {out.dtype}")

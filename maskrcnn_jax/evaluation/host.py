@@ -153,7 +153,7 @@ def _entries(job: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], Tuple[int, int]
   entries = coco_format.detections_to_coco(
       int(job["image_id"]), job["boxes"], job["scores"], job["labels"], None,
       category_ids=job["category_ids"], mask_scores=job.get("mask_scores"),
-      float64_subtract=conv.name == "mmdet")
+      float64_subtract=conv.coco_wh_float64)
   return entries, tuple(int(v) for v in job["orig_hw"])
 
 

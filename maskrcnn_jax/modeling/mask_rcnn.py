@@ -188,7 +188,7 @@ def image_anchors(cfg: ModelConfig, padded_hw: tuple[int, int]) -> list[np.ndarr
     stride = cfg.feature_strides[0]
     cell = anchors_lib.cell_anchors(
         tuple(cfg.anchor_sizes), tuple(cfg.anchor_ratios), round_to_int=cfg.conv.anchor_round,
-        size_major=cfg.conv.name == "detectron2")
+        size_major=cfg.conv.anchor_size_major)
     return [anchors_lib.grid_anchors(cell, (h // stride, w // stride), (stride, stride))]
   feature_sizes = []
   for stride in cfg.anchor_strides[:4]:
@@ -239,9 +239,8 @@ def mask_canvas_hw(cfg: ModelConfig, image_hw: jax.Array) -> jax.Array:
   masks at the resized image size.
   """
   image_hw = jnp.asarray(image_hw, jnp.int32)
-  if cfg.conv.name == "mmdet":
-    return (image_hw + 31) // 32 * 32
-  return image_hw
+  d = int(cfg.conv.mask_target_canvas_divisor)
+  return (image_hw + d - 1) // d * d
 
 
 class MaskRCNN(nn.Module):

@@ -70,7 +70,7 @@ def select_proposals(
     valid = (w > convention.rpn_min_size) & (h > convention.rpn_min_size)
   valid &= jnp.all(jnp.isfinite(boxes), axis=1) & jnp.isfinite(logit)
   # d2 runs NMS on logits; mmdet on sigmoid scores; tv sigmoids before its NMS (rpn.py).
-  score = logit if convention.name == "detectron2" else jax.nn.sigmoid(logit)
+  score = logit if convention.rpn_nms_score == "logits" else jax.nn.sigmoid(logit)
   use_trick = nms_lib.trick_applies(jnp.sum(valid), nms_trick_max_boxes, valid.shape[0])
   keep, keep_valid = nms_lib.batched_nms(
       boxes, score, levels, iou_threshold=nms_thresh, max_output=post_nms_topk, valid=valid,

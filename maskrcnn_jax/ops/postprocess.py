@@ -97,10 +97,10 @@ def detect(
   sxy = jnp.stack([sx, sy, sx, sy]).astype(jnp.float32)
   if convention.det_nms_in_original_coords:  # mmdet
     out_boxes = det_boxes
-    # simple_test_mask: mask RoIs are det_bboxes * scale_factor (a float32 round trip), and the
-    # paste boxes are those divided again (parity_spec 3.13).
+    # The mask head reads resized-image RoIs: det_boxes * scale_factor. mmdet's simple_test_mask
+    # also pastes at those divided again (a float32 round trip, parity_spec 3.13).
     mask_rois = det_boxes * sxy
-    paste_boxes = mask_rois / sxy
+    paste_boxes = mask_rois / sxy if convention.mask_roi_round_trip else det_boxes
   elif convention.drop_empty_after_rescale:  # detectron2 detector_postprocess
     oh, ow = orig_hw[0].astype(jnp.float32), orig_hw[1].astype(jnp.float32)
     ih, iw = image_hw[0].astype(jnp.float32), image_hw[1].astype(jnp.float32)

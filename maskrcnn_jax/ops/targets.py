@@ -50,10 +50,6 @@ def usable_gt(gt_boxes, gt_valid, gt_crowd=None):
   return ok & (w > 0) & (h > 0)
 
 
-def _matcher_form(convention: conventions_lib.Convention) -> str:
-  return "mmdet" if convention.name == "mmdet" else "detectron2"
-
-
 def _safe_encode(src, gt, ok, *, form, weights):
   """box_coder.encode where `ok`, zeros elsewhere (no inf / nan from unmatched rows)."""
   unit = jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32)
@@ -82,7 +78,7 @@ def rpn_match(anchors, gt_boxes, gt_valid, *, convention: conventions_lib.Conven
   """
   iou = boxes_lib.pairwise_iou(jnp.asarray(gt_boxes, jnp.float32),
                                jnp.asarray(anchors, jnp.float32))
-  form = _matcher_form(convention)
+  form = convention.matcher
   kw = dict(min_pos_iou=RPN_MIN_POS_IOU) if form == "mmdet" else {}
   return matcher.match(iou, gt_valid, form=form, high=RPN_POS_IOU, low=RPN_NEG_IOU,
                        allow_low_quality=True, **kw)
@@ -155,7 +151,7 @@ def roi_candidates(proposals, proposals_valid, gt_boxes, gt_valid, *,
   proposals = jnp.where(proposals_valid[:, None], proposals, 0.0)
   cand = jnp.concatenate([proposals, gt_boxes], axis=0)          # [P + M, 4]
   cand_valid = jnp.concatenate([proposals_valid, gt_valid])
-  form = _matcher_form(convention)
+  form = convention.matcher
   iou = boxes_lib.pairwise_iou(gt_boxes, cand)                   # [M, P + M]
   is_gt = jnp.arange(p + m) >= p
   if form == "mmdet":
@@ -265,11 +261,9 @@ def mask_target_settings(convention: conventions_lib.Convention) -> dict:
   * torchvision `project_masks_on_boxes`: `roi_align(mask, roi, 28, 1.0)` with the adaptive grid
     (sampling_ratio -1) and aligned=False; the soft values are the BCE targets.
   """
-  if convention.name == "mmdet":
-    return dict(aligned=True, clip_to_canvas=True, binarize=True)
-  if convention.name == "detectron2":
-    return dict(aligned=True, clip_to_canvas=False, binarize=True)
-  return dict(aligned=False, clip_to_canvas=False, binarize=False)
+  return dict(aligned=convention.mask_target_aligned,
+              clip_to_canvas=convention.mask_target_clip_to_canvas,
+              binarize=convention.mask_target_binarize)
 
 
 def _crop_axis_weights(lo, hi, g_lo, g_hi, canvas, crop_size, *, pooled, aligned, max_grid):

@@ -46,11 +46,6 @@ def smooth_l1(diff, beta: float):
   return jnp.where(a < beta, 0.5 * a * a / beta, a - 0.5 * beta)
 
 
-def box_loss_beta(convention: conventions_lib.Convention) -> float:
-  """0 (L1) for mmdet (L1Loss) and detectron2 (SMOOTH_L1_BETA 0); 1/9 for torchvision."""
-  return 1.0 / 9.0 if convention.name == "torchvision" else 0.0
-
-
 def _safe_div(a, b):
   return a / jnp.maximum(b, 1.0)
 
@@ -72,9 +67,9 @@ def rpn_losses(objectness, deltas, pos, neg, box_targets, *,
   f32 = jnp.float32
   sampled = (pos | neg).astype(f32)
   bce = sigmoid_bce(objectness, pos.astype(f32)) * sampled
-  reg = smooth_l1(deltas.astype(f32) - box_targets, box_loss_beta(convention))
+  reg = smooth_l1(deltas.astype(f32) - box_targets, convention.box_loss_beta)
   reg = jnp.sum(reg, axis=-1) * pos.astype(f32)
-  if convention.name == "detectron2":
+  if convention.rpn_loss_normalizer == "batch":
     norm = f32(num_samples_per_image * objectness.shape[0])
   else:
     norm = jnp.sum(sampled)
@@ -105,7 +100,7 @@ def rcnn_losses(cls_logits, deltas, classes, valid, pos, box_targets, reg_class,
   loss_cls = _safe_div(jnp.sum(jnp.where(valid, ce, 0.0)), n)
   slot = jnp.where(pos, reg_class, 0)
   pred = jnp.take_along_axis(deltas.astype(f32), slot[..., None, None], axis=-2)[..., 0, :]
-  reg = jnp.sum(smooth_l1(pred - box_targets, box_loss_beta(convention)), axis=-1)
+  reg = jnp.sum(smooth_l1(pred - box_targets, convention.box_loss_beta), axis=-1)
   loss_box = _safe_div(jnp.sum(jnp.where(pos, reg, 0.0)), n)
   return dict(loss_cls=loss_cls, loss_box=loss_box)
 
