@@ -179,7 +179,7 @@ def run_stages(predictor, batch):
   """Features (dict of [1, H, W, C]) and per-level RPN logits / deltas of one preprocessed image."""
   def stages(mdl: MaskRCNN, images):
     feats = mdl.features(images)
-    logits, deltas = mdl.rpn_outputs(feats)
+    logits, deltas = mdl.rpn.outputs(feats)
     return feats, logits, deltas
 
   images = jnp.asarray(batch["image"])[None]
@@ -255,7 +255,7 @@ def check_mask_logits(name: str, ours, ref, tol: Tolerances, obs: Observed) -> N
 def proposals(predictor, feats, batch):
   """Our test-time proposals of one image: boxes [P, 4] and logits / scores [P] (valid only)."""
   props = jax.jit(lambda v, f, hw: predictor.model.apply(
-      v, f, hw, method=lambda m, f_, hw_: m.proposals(f_, hw_)))(
+      v, f, hw, method=lambda m, f_, hw_: m.rpn(f_, hw_)))(
           predictor.variables, feats, jnp.asarray(batch["image_hw"])[None])
   valid = np.asarray(props[2][0])
   return np.asarray(props[0][0])[valid], np.asarray(props[1][0])[valid]
@@ -266,7 +266,7 @@ def box_head_on(predictor, feats, boxes: np.ndarray):
   deltas [R, K_reg * 4]."""
   cls, reg = jax.jit(lambda v, f, b: predictor.model.apply(
       v, f, b, jnp.ones(b.shape[:2], bool),
-      method=lambda m, f_, b_, v_: m.box_branch(f_, b_, v_)))(
+      method=lambda m, f_, b_, v_: m.roi_heads.box_branch(f_, b_, v_)))(
           predictor.variables, feats, jnp.asarray(boxes)[None])
   return np.asarray(cls[0]), np.asarray(reg[0]).reshape(len(boxes), -1)
 
@@ -275,7 +275,7 @@ def mask_head_on(predictor, feats, boxes: np.ndarray, labels: np.ndarray):
   """Mask logits [R, M, M] (and MaskIoU [R] or None) on given boxes and class indices."""
   ml, miou = jax.jit(lambda v, f, b, lab: predictor.model.apply(
       v, f, b, lab, jnp.ones(b.shape[:2], bool),
-      method=lambda m, f_, b_, l_, v_: m.mask_branch(f_, b_, l_, v_)))(
+      method=lambda m, f_, b_, l_, v_: m.roi_heads.mask_branch(f_, b_, l_, v_)))(
           predictor.variables, feats, jnp.asarray(boxes)[None], jnp.asarray(labels)[None])
   return np.asarray(ml[0]), None if miou is None else np.asarray(miou[0])
 

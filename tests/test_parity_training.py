@@ -37,7 +37,7 @@ from flax import traverse_util
 
 from maskrcnn_jax.checkpoints import provenance
 from maskrcnn_jax.data import coco as coco_lib, masks as masks_lib, transforms
-from maskrcnn_jax.modeling import mask_rcnn
+from maskrcnn_jax.modeling import mask_rcnn, roi_heads, rpn
 from maskrcnn_jax.modeling.build import build_model
 from maskrcnn_jax.ops import targets as targets_lib
 from tests import parity_common as pc
@@ -266,9 +266,9 @@ def test_our_matcher_agrees_with_the_injected_samples(run):
   position is the reference's."""
   fx, batch, cfg = run["fx"], run["batch"], run["model"].cfg
   conv = cfg.conv
-  anchors = np.concatenate(mask_rcnn.image_anchors(cfg, tuple(int(v) for v in fx["padded_hw"])))
+  anchors = np.concatenate(rpn.image_anchors(cfg, tuple(int(v) for v in fx["padded_hw"])))
   assert len(anchors) == int(fx["num_anchors"])
-  classes = np.asarray(mask_rcnn.train_class_index(cfg, batch["gt_labels"], run["ids"]))
+  classes = np.asarray(roi_heads.train_class_index(cfg, batch["gt_labels"], run["ids"]))
   rpn_match = jax.jit(lambda g, v: targets_lib.rpn_match(anchors, g, v, convention=conv))
   roi_cand = jax.jit(lambda p, pv, g, v: targets_lib.roi_candidates(p, pv, g, v, convention=conv))
   s = run["samples"]
@@ -289,7 +289,7 @@ def test_our_matcher_agrees_with_the_injected_samples(run):
     np.testing.assert_array_equal(cand["labels"][idx] == 1, ref_pos)
     assert (cand["labels"][idx][~ref_pos] == 0).all()
     np.testing.assert_array_equal(cand["matches"][idx][ref_pos], fx[p + "rois/matched"][ref_pos])
-    ours_cls = np.where(ref_pos, classes[i][cand["matches"][idx]], mask_rcnn.background_class(cfg))
+    ours_cls = np.where(ref_pos, classes[i][cand["matches"][idx]], roi_heads.background_class(cfg))
     np.testing.assert_array_equal(ours_cls, fx[p + "rois/labels"])
 
 
@@ -316,7 +316,7 @@ def test_mask_targets(run):
     rois, gt = fx[p + "mask/rois"], fx[p + "mask/matched_gt"]
     ref = fx[p + "mask/targets"].astype(np.float32)
     logits = fx[p + "mask/logits"]
-    canvas = np.asarray(mask_rcnn.mask_canvas_hw(cfg, batch["image_hw"][i]))
+    canvas = np.asarray(roi_heads.mask_canvas_hw(cfg, batch["image_hw"][i]))
     exact = np.asarray(fn(rois, batch["gt_mask_boxes"][i][gt], batch["gt_masks"][i][gt], canvas))
     crop = np.asarray(fn(rois, batch["gt_boxes"][i][gt], extra["pipeline_crops"][i][gt], canvas))
     err_exact = float(np.abs(exact - ref).max())

@@ -23,14 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax import errors
-from maskrcnn_jax.modeling import heads, rpn as rpn_lib
+from maskrcnn_jax.modeling import heads, roi_heads as roi_heads_lib, rpn as rpn_lib
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.resnet import Res5Head, ResNet
-from maskrcnn_jax.ops import anchors as anchors_lib, poolers, postprocess
 from maskrcnn_jax.ops import targets as targets_lib
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
@@ -178,29 +176,6 @@ class ModelConfig:
     return self.num_classes if self.conv.class_layout == "bg_last" else self.num_classes + 1
 
 
-def image_anchors(cfg: ModelConfig, padded_hw: tuple[int, int]) -> list[np.ndarray]:
-  """Anchors of every RPN level for a padded input size; numpy constants, [H_l*W_l*A, 4] each."""
-  h, w = padded_hw
-  if cfg.arch != "FPN":
-    # One level at stride 16 with every size (detectron2 DefaultAnchorGenerator with
-    # SIZES [[32, 64, 128, 256, 512]]): A = sizes x ratios, size-major in detectron2's
-    # `generate_cell_anchors` loop (for size: for ratio).
-    stride = cfg.feature_strides[0]
-    cell = anchors_lib.cell_anchors(
-        tuple(cfg.anchor_sizes), tuple(cfg.anchor_ratios), round_to_int=cfg.conv.anchor_round,
-        size_major=cfg.conv.anchor_size_major)
-    return [anchors_lib.grid_anchors(cell, (h // stride, w // stride), (stride, stride))]
-  feature_sizes = []
-  for stride in cfg.anchor_strides[:4]:
-    feature_sizes.append((h // stride, w // stride))
-  # P6 = P5[::2, ::2]: ceil(H5 / 2).
-  feature_sizes.append(((feature_sizes[-1][0] + 1) // 2, (feature_sizes[-1][1] + 1) // 2))
-  return anchors_lib.fpn_anchors(
-      padded_hw=padded_hw, feature_sizes=feature_sizes, sizes=cfg.anchor_sizes,
-      aspect_ratios=cfg.anchor_ratios, strides=cfg.anchor_strides,
-      round_to_int=cfg.conv.anchor_round, dynamic_stride=cfg.conv.anchor_dynamic_stride)
-
-
 # ---- training helpers (used by MaskRCNN.losses) ----
 
 # parity_spec 4.1: RPN 256 anchors per image, half positive; R-CNN 512 RoIs per image, 25 %.
@@ -208,43 +183,15 @@ RPN_BATCH_PER_IMAGE, RPN_POSITIVE_FRACTION = 256, 0.5
 ROI_BATCH_PER_IMAGE, ROI_POSITIVE_FRACTION = 512, 0.25
 
 
-def train_class_index(cfg: ModelConfig, labels: jax.Array,
-                      category_ids: Optional[Tuple[int, ...]] = None) -> jax.Array:
-  """Contiguous dataset labels (0..K-1, as in the batch) -> the model's class index.
-
-  bg_last layouts (mmdet v2, detectron2): the label itself (background = num_classes).
-  bg_first (torchvision, background = 0): `category_ids[label]` when a table is given (COCO with
-  the 91-way torchvision head: the 80 COCO category ids, `config_lib.COCO_CATEGORY_IDS`, so the
-  class index is the category id as torchvision trains it), else label + 1 (a custom dataset with
-  num_classes = K). The same index selects the regression slot and the mask channel.
-  """
-  labels = jnp.asarray(labels, jnp.int32)
-  if cfg.conv.class_layout == "bg_last":
-    return labels
-  if category_ids is not None:
-    return jnp.asarray(np.asarray(category_ids, np.int32))[labels]
-  return labels + 1
-
-
-def background_class(cfg: ModelConfig) -> int:
-  """The classifier's background index: num_classes (bg_last) or 0 (bg_first)."""
-  return cfg.num_classes if cfg.conv.class_layout == "bg_last" else 0
-
-
-def mask_canvas_hw(cfg: ModelConfig, image_hw: jax.Array) -> jax.Array:
-  """[N, 2] size of the bitmap each reference RoIAligns for mask targets.
-
-  mmdet v2 pads the gt masks with the image (`Pad(size_divisor=32)` pads `mask_fields`), so its
-  clip bound (`mask_target_single`) is the 32-padded size; detectron2 and torchvision keep the
-  masks at the resized image size.
-  """
-  image_hw = jnp.asarray(image_hw, jnp.int32)
-  d = int(cfg.conv.mask_target_canvas_divisor)
-  return (image_hw + d - 1) // d * d
-
-
 class MaskRCNN(nn.Module):
-  """Backbone + FPN + RPN + box/mask(/MaskIoU) heads."""
+  """Backbone + FPN + RPN + RoI heads (box, mask, MaskIoU): the wiring of the stages.
+
+  The stages: `features` (backbone, FPN), `rpn` (modeling/rpn.py: `RPN`), `roi_heads`
+  (modeling/roi_heads.py: `StandardROIHeads`, or `Res5ROIHeads` for C4). Every layer with
+  variables is created here, under the names converted and trained checkpoints use (backbone,
+  fpn, rpn_head, box_head / roi_res5, box_predictor, mask_head, maskiou_head), and handed to the
+  stage that runs it; `rpn` and `roi_heads` own no variables.
+  """
   cfg: ModelConfig
   train: bool = False
   precision: Any = None
@@ -262,27 +209,34 @@ class MaskRCNN(nn.Module):
                      precision=self.precision)
     self.rpn_head = heads.RPNHead(cfg.num_anchors, cfg.rpn_num_convs, cfg.feature_channels,
                                   precision=self.precision)
-    if cfg.arch == "C4":
-      # detectron2 Res5ROIHeads: res5 (the backbone's norm) shared by the box and mask branches.
-      self.roi_res5 = Res5Head(
-          groups=cfg.groups, width_per_group=cfg.width_per_group,
-          stride_in_1x1=cfg.stride_in_1x1, norm=cfg.norm, norm_eps=cfg.norm_eps,
-          res2_out_channels=cfg.res2_out_channels, train=self.train, precision=self.precision)
-    else:
-      self.box_head = heads.BoxHead(
-          num_conv=cfg.box_head_num_conv, conv_dim=cfg.box_head_conv_dim,
-          num_fc=cfg.box_head_num_fc, fc_dim=cfg.box_head_fc_dim,
-          norm=cfg.box_head_norm or None, train=self.train, precision=self.precision)
+    self.rpn = rpn_lib.RPN(cfg, head=self.rpn_head)
     self.box_predictor = heads.BoxPredictor(cfg.num_cls_outputs, cfg.num_reg_classes,
                                             precision=self.precision)
     self.mask_head = heads.MaskHead(cfg.num_reg_classes, num_conv=cfg.mask_head_num_conv,
                                     conv_dim=cfg.mask_head_conv_dim,
                                     norm=cfg.mask_head_norm or None,
                                     train=self.train, precision=self.precision)
+    maskiou_head = None
     if cfg.mask_scoring:
-      self.maskiou_head = heads.MaskIoUHead(cfg.num_classes, precision=self.precision)
-
-  # ---- stages, usable one by one (parity tests compare each) ----
+      self.maskiou_head = maskiou_head = heads.MaskIoUHead(cfg.num_classes,
+                                                           precision=self.precision)
+    if cfg.arch == "C4":
+      # detectron2 Res5ROIHeads: res5 (the backbone's norm) shared by the box and mask branches.
+      self.roi_res5 = Res5Head(
+          groups=cfg.groups, width_per_group=cfg.width_per_group,
+          stride_in_1x1=cfg.stride_in_1x1, norm=cfg.norm, norm_eps=cfg.norm_eps,
+          res2_out_channels=cfg.res2_out_channels, train=self.train, precision=self.precision)
+      self.roi_heads = roi_heads_lib.Res5ROIHeads(
+          cfg=cfg, res5=self.roi_res5, box_predictor=self.box_predictor,
+          mask_head=self.mask_head, maskiou_head=maskiou_head)
+    else:
+      self.box_head = heads.BoxHead(
+          num_conv=cfg.box_head_num_conv, conv_dim=cfg.box_head_conv_dim,
+          num_fc=cfg.box_head_num_fc, fc_dim=cfg.box_head_fc_dim,
+          norm=cfg.box_head_norm or None, train=self.train, precision=self.precision)
+      self.roi_heads = roi_heads_lib.StandardROIHeads(
+          cfg=cfg, box_head=self.box_head, box_predictor=self.box_predictor,
+          mask_head=self.mask_head, maskiou_head=maskiou_head)
 
   def features(self, images: jax.Array) -> Dict[str, jax.Array]:
     """images [N, Hp, Wp, 3] float32 normalized and padded -> the RPN / RoI feature maps.
@@ -295,97 +249,6 @@ class MaskRCNN(nn.Module):
       return self.fpn(c)
     name = self.cfg.feature_names[0]
     return {name: c[name]}
-
-  def rpn_outputs(self, feats: Dict[str, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
-    """Per level: logits [N, H*W*A] and deltas [N, H*W*A, 4] in anchor order."""
-    logits, deltas = [], []
-    for name in self.cfg.feature_names:
-      lg, dl = self.rpn_head(feats[name])
-      n = lg.shape[0]
-      logits.append(lg.reshape(n, -1))
-      deltas.append(dl.reshape(n, -1, 4))
-    return logits, deltas
-
-  def _padded_hw(self, feats) -> tuple[int, int]:
-    first = feats[self.cfg.feature_names[0]]
-    stride = self.cfg.feature_strides[0]
-    return (first.shape[1] * stride, first.shape[2] * stride)
-
-  def proposals(self, feats, image_hw: jax.Array):
-    """Test-time proposals: [N, P, 4] boxes (resized-image pixels), [N, P] scores, [N, P] valid."""
-    cfg = self.cfg
-    anchors = image_anchors(cfg, self._padded_hw(feats))
-    logits, deltas = self.rpn_outputs(feats)
-    fn = lambda lg, dl, hw: rpn_lib.select_proposals(
-        lg, dl, anchors, hw, convention=cfg.conv, pre_nms_topk=cfg.rpn_pre_nms_topk_test,
-        post_nms_topk=cfg.rpn_post_nms_topk_test, nms_thresh=cfg.rpn_nms_thresh,
-        nms_trick_max_boxes=cfg.trick_max_boxes)
-    return jax.vmap(fn)(logits, deltas, image_hw)
-
-  def pool(self, feats, boxes: jax.Array, valid: jax.Array, output_size: int) -> jax.Array:
-    """RoIAlign of [N, R, 4] boxes -> [N * R, s, s, C] (image-major).
-
-    FPN: on P2..P5 with the convention's level rule; C4 / DC5: on the single stride-16 map
-    (detectron2's ROIPooler with one level).
-    """
-    cfg, conv = self.cfg, self.cfg.conv
-    n, r = boxes.shape[:2]
-    batch_idx = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
-    if cfg.arch == "FPN":
-      maps, strides = [feats[k] for k in LEVELS[:4]], tuple(cfg.anchor_strides[:4])
-    else:
-      maps, strides = [feats[cfg.feature_names[0]]], cfg.feature_strides
-    return poolers.multilevel_roi_align(
-        maps, boxes.reshape(n * r, 4), batch_idx, level_rule=conv.level_map,
-        output_size=output_size, sampling_ratio=conv.roi_align_sampling_ratio,
-        aligned=conv.roi_align_aligned, strides=strides, max_grid=cfg.roi_align_max_grid,
-        valid=valid.reshape(-1), impl=cfg.roi_align_impl,
-        canonical_box_size=cfg.roi_canonical_box_size)
-
-  def res5_features(self, feats, boxes: jax.Array, valid: jax.Array) -> jax.Array:
-    """C4 only: res5 on the 14x14 RoIAlign of res4 -> [N * R, 7, 7, 2048] (`_shared_roi_transform`
-    of detectron2's Res5ROIHeads)."""
-    return self.roi_res5(self.pool(feats, boxes, valid, self.cfg.box_pool_size),
-                         valid.reshape(-1))
-
-  def box_branch(self, feats, boxes: jax.Array, valid: jax.Array, res5: Optional[jax.Array] = None):
-    """Class logits [N, R, K_cls] and deltas [N, R, K_reg, 4] for [N, R, 4] boxes.
-
-    C4: the box predictor reads the mean over the 7x7 res5 output (`res5`: precomputed
-    `res5_features`, else computed here).
-    """
-    n, r = boxes.shape[:2]
-    if self.cfg.arch == "C4":
-      if res5 is None:
-        res5 = self.res5_features(feats, boxes, valid)
-      x = jnp.mean(res5, axis=(1, 2))
-    else:
-      x = self.box_head(self.pool(feats, boxes, valid, self.cfg.box_pool_size),
-                        valid.reshape(-1))
-    logits, deltas = self.box_predictor(x)
-    return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
-
-  def mask_branch(self, feats, boxes: jax.Array, labels: jax.Array, valid: jax.Array,
-                  res5: Optional[jax.Array] = None):
-    """Mask logits [N, D, M, M] of each box's class (+ MaskIoU [N, D] for Mask Scoring).
-
-    M = `cfg.mask_size` (28; 14 for C4, whose mask head reads the res5 output `res5`
-    [N * D, 7, 7, C] when given, as detectron2 reuses the box features of the foreground RoIs).
-    """
-    cfg = self.cfg
-    n, d = boxes.shape[:2]
-    if cfg.arch == "C4":
-      roi_feats = res5 if res5 is not None else self.res5_features(feats, boxes, valid)
-    else:
-      roi_feats = self.pool(feats, boxes, valid, 14)
-    all_logits = self.mask_head(roi_feats, valid.reshape(-1))  # [N*D, M, M, K_mask]
-    channel = labels.reshape(-1)  # bg_last: label c -> channel c; tv: category index -> channel
-    logits = jnp.take_along_axis(all_logits, channel[:, None, None, None], axis=-1)[..., 0]
-    mask_iou = None
-    if cfg.mask_scoring:
-      iou = self.maskiou_head(roi_feats, logits)  # [N*D, 80]
-      mask_iou = jnp.take_along_axis(iou, channel[:, None], axis=-1)[:, 0].reshape(n, d)
-    return logits.reshape(n, d, cfg.mask_size, cfg.mask_size), mask_iou
 
   def __call__(self, images: jax.Array, image_hw: jax.Array, orig_hw: jax.Array,
                scale_factor: jax.Array) -> Dict[str, jax.Array]:
@@ -401,31 +264,17 @@ class MaskRCNN(nn.Module):
       valid [N, D] bool, paste_boxes [N, D, 4], mask_probs [N, D, M, M] float32 (M = 28, or 14
       for C4; sigmoid of the label's channel) and, for Mask Scoring R-CNN, mask_scores [N, D] (MaskIoU x score).
     """
-    cfg = self.cfg
     feats = self.features(images)
-    props, _, props_valid = self.proposals(feats, image_hw)
-    logits, deltas = self.box_branch(feats, props, props_valid)
-    det_fn = lambda lg, dl, p, v, hw, ohw, sf: postprocess.detect(
-        lg, dl, p, v, hw, ohw, sf, convention=cfg.conv,
-        bbox_reg_weights=tuple(cfg.bbox_reg_weights), score_thresh=cfg.score_thresh,
-        nms_thresh=cfg.nms_thresh, max_detections=cfg.detections_per_image,
-        max_candidates=cfg.max_candidates, nms_trick_max_boxes=cfg.trick_max_boxes)
-    dets = jax.vmap(det_fn)(logits, deltas, props, props_valid, image_hw, orig_hw, scale_factor)
-    mask_logits, mask_iou = self.mask_branch(feats, dets["mask_rois"], dets["labels"],
-                                             dets["valid"])
-    out = dict(boxes=dets["boxes"], scores=dets["scores"], labels=dets["labels"],
-               valid=dets["valid"], paste_boxes=dets["paste_boxes"],
-               mask_probs=jax.nn.sigmoid(mask_logits))
-    if cfg.mask_scoring:
-      out["mask_scores"] = jnp.where(dets["valid"], mask_iou * dets["scores"], 0.0)
-    return out
+    props, _, props_valid = self.rpn(feats, image_hw)
+    return self.roi_heads(feats, props, props_valid, image_hw, orig_hw, scale_factor)
 
   # ---- training ----
-  # `losses` runs the stages of detectron2's decomposition one after the other: `rpn_losses`
-  # (anchor matching + sampling, RPN losses), the training proposals, `label_and_sample_proposals`
-  # (R-CNN matching + sampling) and `roi_heads_losses` (box, mask and MaskIoU branches). The two
-  # random steps can be replaced by given samples (`samples`): the training-parity tests inject
-  # what a reference framework drew, and everything else is computed here.
+  # `losses` runs the stages of detectron2's decomposition one after the other: the RPN's
+  # losses (anchor matching + sampling), the training proposals, the RoI heads'
+  # `label_and_sample_proposals` (R-CNN matching + sampling) and their losses (box, mask and
+  # MaskIoU branches). The two random steps can be replaced by given samples (`samples`): the
+  # training-parity tests inject what a reference framework drew, and everything else is
+  # computed here.
 
   def losses(self, batch: Dict[str, jax.Array], rng: jax.Array, *,
              category_ids: Optional[Tuple[int, ...]] = None,
@@ -490,13 +339,13 @@ class MaskRCNN(nn.Module):
     gt_boxes = jnp.asarray(batch["gt_boxes"], jnp.float32)
     gt = dict(boxes=gt_boxes,
               valid=targets_lib.usable_gt(gt_boxes, batch["gt_valid"], batch.get("gt_crowd")),
-              classes=train_class_index(cfg, batch["gt_labels"], category_ids))
+              classes=roi_heads_lib.train_class_index(cfg, batch["gt_labels"], category_ids))
     rng_rpn, rng_roi = jax.random.split(rng)
 
     feats = self.features(images)
-    logits, deltas = self.rpn_outputs(feats)
-    anchors = image_anchors(cfg, self._padded_hw(feats))
-    terms, rpn_pos = self.rpn_losses(logits, deltas, anchors, gt, rng_rpn, samples,
+    logits, deltas = self.rpn.outputs(feats)
+    anchors = self.rpn.anchors(feats)
+    terms, rpn_pos = self.rpn.losses(logits, deltas, anchors, gt, rng_rpn, samples,
                                      num_samples=rpn_batch_per_image,
                                      positive_fraction=rpn_positive_fraction)
 
@@ -505,142 +354,18 @@ class MaskRCNN(nn.Module):
       props = jnp.asarray(samples["proposals"], jnp.float32)
       props_valid = jnp.asarray(samples["proposals_valid"], bool)
     else:
-      fn = lambda lg, dl, hw: rpn_lib.train_proposals(
-          lg, dl, anchors, hw, convention=cfg.conv, pre_nms_topk=cfg.rpn_pre_nms_topk_train,
-          post_nms_topk=cfg.rpn_post_nms_topk_train, nms_thresh=cfg.rpn_nms_thresh,
-          nms_trick_max_boxes=cfg.trick_max_boxes)
-      props, _, props_valid = jax.vmap(fn)(logits, deltas, image_hw)
-    roi_t = self.label_and_sample_proposals(props, props_valid, gt, rng_roi, samples,
-                                            num_samples=roi_batch_per_image,
-                                            positive_fraction=roi_positive_fraction)
-    cls_logits, roi_terms = self.roi_heads_losses(
+      props, _, props_valid = self.rpn.training_proposals(logits, deltas, anchors, image_hw)
+    roi_t = self.roi_heads.label_and_sample_proposals(
+        props, props_valid, gt, rng_roi, samples, num_samples=roi_batch_per_image,
+        positive_fraction=roi_positive_fraction)
+    terms.update(self.roi_heads.losses(
         feats, roi_t, gt, batch,
         num_mask_rows=(int(roi_batch_per_image * roi_positive_fraction)
-                       if mask_rows_per_image is None else int(mask_rows_per_image)))
-    terms.update(roi_terms)
+                       if mask_rows_per_image is None else int(mask_rows_per_image))))
 
     total = sum(v for k, v in terms.items() if k.startswith("loss_"))
-    # Statistics (d2 logs fast_rcnn/cls_accuracy and fg_cls_accuracy).
-    pred = jnp.argmax(jax.lax.stop_gradient(cls_logits), axis=-1)
-    correct = (pred == roi_t["classes"]).astype(jnp.float32)
-    valid_f, pos_f = roi_t["valid"].astype(jnp.float32), roi_t["pos"].astype(jnp.float32)
     terms["num_pos_anchors"] = jnp.sum(rpn_pos) / n
-    terms["num_fg_rois"] = jnp.sum(pos_f) / n
-    terms["cls_accuracy"] = jnp.sum(correct * valid_f) / jnp.maximum(jnp.sum(valid_f), 1.0)
-    terms["fg_cls_accuracy"] = jnp.sum(correct * pos_f) / jnp.maximum(jnp.sum(pos_f), 1.0)
     return total, terms
-
-  def rpn_losses(self, logits, deltas, anchors, gt, rng, samples, *, num_samples: int,
-                 positive_fraction: float):
-    """RPN stage of `losses`: anchor matching, sampling (or `samples['rpn_pos' / 'rpn_neg']`)
-    and the RPN losses (detectron2 `RPN.losses`).
-
-    Args: logits / deltas per level ([B, A_l], [B, A_l, 4], `rpn_outputs`); anchors per level
-      ([A_l, 4] numpy, `image_anchors`); gt dict (boxes [B, M, 4], valid [B, M], classes); rng;
-      samples (see `losses`); the sampler's num_samples / positive_fraction per image.
-    Returns: (dict(loss_rpn_cls, loss_rpn_box), pos [B, A] bool sampled positives).
-    """
-    from maskrcnn_jax.training import losses as losses_lib  # training imports modeling
-
-    conv = self.cfg.conv
-    n = logits[0].shape[0]
-    all_anchors = jnp.asarray(np.concatenate(anchors, axis=0))
-    if "rpn_pos" in samples:
-      pos = jnp.asarray(samples["rpn_pos"], bool)
-      neg = jnp.asarray(samples["rpn_neg"], bool)
-      if pos.shape != (n, all_anchors.shape[0]) or neg.shape != pos.shape:
-        raise ValueError(f"samples['rpn_pos'] / ['rpn_neg'] must be [{n}, {all_anchors.shape[0]}]"
-                         f" (all anchors), got {pos.shape} / {neg.shape}")
-      matches = jax.vmap(lambda g, v: targets_lib.rpn_match(all_anchors, g, v, convention=conv)[0])(
-          gt["boxes"], gt["valid"])
-      box_targets = jax.vmap(lambda g, m, p: targets_lib.rpn_sampled_targets(
-          all_anchors, g, m, p, convention=conv))(gt["boxes"], matches, pos)
-    else:
-      rpn_t = jax.vmap(
-          lambda g, v, r: targets_lib.rpn_targets(
-              all_anchors, g, v, r, convention=conv, num_samples=num_samples,
-              positive_fraction=positive_fraction))(gt["boxes"], gt["valid"],
-                                                    jax.random.split(rng, n))
-      pos, neg, box_targets = rpn_t["pos"], rpn_t["neg"], rpn_t["box_targets"]
-    terms = losses_lib.rpn_losses(
-        jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), pos, neg, box_targets,
-        convention=conv, num_samples_per_image=num_samples)
-    return terms, pos
-
-  def label_and_sample_proposals(self, proposals, proposals_valid, gt, rng, samples, *,
-                                 num_samples: int, positive_fraction: float):
-    """R-CNN sampling stage of `losses` (detectron2 `ROIHeads.label_and_sample_proposals`).
-
-    proposals [B, P, 4], proposals_valid [B, P]; gt as in `rpn_losses`; `samples['roi_index' /
-    'roi_valid']` replace the sampler. Returns the `targets.roi_rows` dict of [B, R] rows
-    (positives first), without gradient.
-    """
-    cfg, conv = self.cfg, self.cfg.conv
-    n = proposals.shape[0]
-    cand = jax.vmap(lambda p, pv, g, v: targets_lib.roi_candidates(
-        p, pv, g, v, convention=conv))(proposals, proposals_valid, gt["boxes"], gt["valid"])
-    if "roi_index" in samples:
-      index = jnp.asarray(samples["roi_index"], jnp.int32)
-      index_valid = jnp.asarray(samples["roi_valid"], bool)
-      if index.shape[1] > num_samples:
-        raise ValueError(f"samples['roi_index'] has {index.shape[1]} RoIs per image, more than "
-                         f"roi_batch_per_image = {num_samples}")
-    else:
-      index, index_valid = jax.vmap(lambda lab, v, r: targets_lib.sample_rois(
-          lab, v, r, num_samples=num_samples, positive_fraction=positive_fraction))(
-              cand["labels"], cand["valid"], jax.random.split(rng, n))
-    roi_t = jax.vmap(lambda c, i, iv, g, cl: targets_lib.roi_rows(
-        c, i, iv, g, cl, convention=conv, bbox_reg_weights=tuple(cfg.bbox_reg_weights),
-        background_class=background_class(cfg)))(cand, index, index_valid, gt["boxes"],
-                                                 gt["classes"])
-    return jax.lax.stop_gradient(roi_t)
-
-  def roi_heads_losses(self, feats, roi_t, gt, batch, *, num_mask_rows: int):
-    """Box, mask and MaskIoU branches of `losses` on sampled RoIs (detectron2 `_forward_box`,
-    `_forward_mask`).
-
-    Args: feats (`features`); roi_t (`label_and_sample_proposals`, positives in the first
-      `num_mask_rows` rows); gt as in `rpn_losses`; batch (gt_masks, optional gt_mask_boxes,
-      image_hw; see `losses`).
-    Returns: (class logits [B, R, K_cls], dict(loss_cls, loss_box, loss_mask[, loss_mask_iou])).
-    """
-    from maskrcnn_jax.training import losses as losses_lib  # training imports modeling
-
-    cfg, conv = self.cfg, self.cfg.conv
-    n = roi_t["rois"].shape[0]
-    image_hw = jnp.asarray(batch["image_hw"], jnp.int32)
-    # C4: res5 runs once on the sampled RoIs; the mask branch reuses the rows of the positives.
-    res5 = (self.res5_features(feats, roi_t["rois"], roi_t["valid"]) if cfg.arch == "C4"
-            else None)
-    cls_logits, box_deltas = self.box_branch(feats, roi_t["rois"], roi_t["valid"], res5)
-    terms = losses_lib.rcnn_losses(
-        cls_logits, box_deltas, roi_t["classes"], roi_t["valid"], roi_t["pos"],
-        roi_t["box_targets"], roi_t["classes"], convention=conv)
-
-    # Masks on the positive rows (the first num_mask_rows rows hold every positive).
-    p = num_mask_rows
-    m_rois, m_pos = roi_t["rois"][:, :p], roi_t["pos"][:, :p]
-    m_gt = roi_t["matched_gt"][:, :p]
-    m_channel = jnp.where(m_pos, roi_t["classes"][:, :p], 0)
-    m_res5 = None
-    if res5 is not None:
-      r = roi_t["rois"].shape[1]
-      m_res5 = res5.reshape((n, r) + res5.shape[1:])[:, :p].reshape((n * p,) + res5.shape[1:])
-    mask_logits, mask_iou = self.mask_branch(feats, m_rois, m_channel, m_pos, m_res5)
-    crop_boxes = jnp.asarray(batch.get("gt_mask_boxes", gt["boxes"]), jnp.float32)
-    m_crop_boxes = jnp.take_along_axis(crop_boxes, m_gt[..., None], axis=1)
-    crops = jax.vmap(lambda c, i: c[i])(jnp.asarray(batch["gt_masks"]), m_gt)
-    canvas = mask_canvas_hw(cfg, image_hw)
-    settings = targets_lib.mask_target_settings(conv)
-    m_targets = jax.vmap(lambda r, g, c, hw: targets_lib.mask_targets(
-        r, g, c, hw, max_grid=cfg.roi_align_max_grid, output_size=cfg.mask_size, **settings))(
-            m_rois, m_crop_boxes, crops, canvas)
-    terms["loss_mask"] = losses_lib.mask_loss(mask_logits, m_targets, m_pos)
-    if cfg.mask_scoring:
-      frac = jax.vmap(targets_lib.mask_area_fraction)(m_rois, m_crop_boxes, crops, canvas)
-      iou_t = targets_lib.maskiou_targets(jax.lax.stop_gradient(mask_logits), m_targets, frac)
-      terms["loss_mask_iou"] = losses_lib.maskiou_loss(mask_iou, iou_t, m_pos)
-    return cls_logits, terms
 
 
 SAMPLE_GROUPS = (("rpn_pos", "rpn_neg"), ("proposals", "proposals_valid"),

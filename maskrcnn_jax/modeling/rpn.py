@@ -1,4 +1,8 @@
-"""RPN proposal generation at fixed shapes (Ren et al. 2015), per convention.
+"""The region proposal network (Ren et al. 2015) at fixed shapes, per convention.
+
+`RPN` is detectron2's `RPN` (modeling/proposal_generator/rpn.py): the head on every feature map,
+the anchors, the proposals (test and training) and the RPN losses with their anchor targets.
+The functions below it are the per-image proposal selection it vmaps.
 
 References (parity_spec 3.9): mmdet/models/dense_heads/rpn_head.py (_get_bboxes_single,
 _bbox_post_process), detectron2/modeling/proposal_generator/proposal_utils.py
@@ -6,14 +10,129 @@ _bbox_post_process), detectron2/modeling/proposal_generator/proposal_utils.py
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Dict, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from maskrcnn_jax import conventions as conventions_lib
-from maskrcnn_jax.ops import box_coder, boxes as boxes_lib, nms as nms_lib
+from maskrcnn_jax.ops import anchors as anchors_lib
+from maskrcnn_jax.ops import box_coder, boxes as boxes_lib, losses as losses_lib, nms as nms_lib
+from maskrcnn_jax.ops import targets as targets_lib
+
+if TYPE_CHECKING:  # mask_rcnn imports this module
+  from maskrcnn_jax.modeling.mask_rcnn import ModelConfig
+
+
+def image_anchors(cfg: "ModelConfig", padded_hw: tuple[int, int]) -> list[np.ndarray]:
+  """Anchors of every RPN level for a padded input size; numpy constants, [H_l*W_l*A, 4] each
+  (float32 xyxy, padded-image pixels, in the head's output order (y * W + x) * A + a)."""
+  h, w = padded_hw
+  if cfg.arch != "FPN":
+    # One level at stride 16 with every size (detectron2 DefaultAnchorGenerator with
+    # SIZES [[32, 64, 128, 256, 512]]): A = sizes x ratios, in the convention's cell order.
+    stride = cfg.feature_strides[0]
+    cell = anchors_lib.cell_anchors(
+        tuple(cfg.anchor_sizes), tuple(cfg.anchor_ratios), round_to_int=cfg.conv.anchor_round,
+        size_major=cfg.conv.anchor_size_major)
+    return [anchors_lib.grid_anchors(cell, (h // stride, w // stride), (stride, stride))]
+  feature_sizes = []
+  for stride in cfg.anchor_strides[:4]:
+    feature_sizes.append((h // stride, w // stride))
+  # P6 = P5[::2, ::2]: ceil(H5 / 2).
+  feature_sizes.append(((feature_sizes[-1][0] + 1) // 2, (feature_sizes[-1][1] + 1) // 2))
+  return anchors_lib.fpn_anchors(
+      padded_hw=padded_hw, feature_sizes=feature_sizes, sizes=cfg.anchor_sizes,
+      aspect_ratios=cfg.anchor_ratios, strides=cfg.anchor_strides,
+      round_to_int=cfg.conv.anchor_round, dynamic_stride=cfg.conv.anchor_dynamic_stride)
+
+
+class RPN(nn.Module):
+  """Head, anchors, proposals and losses of the RPN (detectron2 `RPN`).
+
+  `head` is the `heads.RPNHead` the parent module created: its variables stay under the
+  parent's `rpn_head` (the name converted and trained checkpoints use); this module holds none.
+  Arrays are per batch: N images, A = all anchors of the padded size (`image_anchors` order),
+  boxes float32 xyxy in resized-image pixels.
+  """
+  cfg: "ModelConfig"
+  head: nn.Module
+
+  def outputs(self, feats: Mapping[str, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Per level of `cfg.feature_names`: logits [N, H*W*A_l] and deltas [N, H*W*A_l, 4]."""
+    logits, deltas = [], []
+    for name in self.cfg.feature_names:
+      lg, dl = self.head(feats[name])
+      n = lg.shape[0]
+      logits.append(lg.reshape(n, -1))
+      deltas.append(dl.reshape(n, -1, 4))
+    return logits, deltas
+
+  def anchors(self, feats: Mapping[str, jax.Array]) -> list[np.ndarray]:
+    """`image_anchors` of the padded size the feature maps come from."""
+    first = feats[self.cfg.feature_names[0]]
+    stride = self.cfg.feature_strides[0]
+    return image_anchors(self.cfg, (first.shape[1] * stride, first.shape[2] * stride))
+
+  def __call__(self, feats: Mapping[str, jax.Array], image_hw: jax.Array):
+    """Test-time proposals: boxes [N, P, 4], scores [N, P], valid [N, P] bool (P =
+    rpn_post_nms_topk_test); image_hw [N, 2] int32 resized unpadded sizes."""
+    cfg = self.cfg
+    anchors = self.anchors(feats)
+    logits, deltas = self.outputs(feats)
+    fn = lambda lg, dl, hw: select_proposals(
+        lg, dl, anchors, hw, convention=cfg.conv, pre_nms_topk=cfg.rpn_pre_nms_topk_test,
+        post_nms_topk=cfg.rpn_post_nms_topk_test, nms_thresh=cfg.rpn_nms_thresh,
+        nms_trick_max_boxes=cfg.trick_max_boxes)
+    return jax.vmap(fn)(logits, deltas, image_hw)
+
+  def training_proposals(self, logits, deltas, anchors, image_hw: jax.Array):
+    """`train_proposals` of each image (no gradient): boxes [N, P, 4], scores, valid [N, P]
+    (P = rpn_post_nms_topk_train); logits / deltas / anchors as `outputs` / `anchors`."""
+    cfg = self.cfg
+    fn = lambda lg, dl, hw: train_proposals(
+        lg, dl, anchors, hw, convention=cfg.conv, pre_nms_topk=cfg.rpn_pre_nms_topk_train,
+        post_nms_topk=cfg.rpn_post_nms_topk_train, nms_thresh=cfg.rpn_nms_thresh,
+        nms_trick_max_boxes=cfg.trick_max_boxes)
+    return jax.vmap(fn)(logits, deltas, image_hw)
+
+  def losses(self, logits, deltas, anchors, gt: Mapping[str, jax.Array], rng: jax.Array,
+             samples: Mapping[str, jax.Array], *, num_samples: int, positive_fraction: float
+             ) -> tuple[Dict[str, jax.Array], jax.Array]:
+    """Anchor matching, sampling (or given `samples['rpn_pos' / 'rpn_neg']` [N, A] bool) and
+    the RPN losses (detectron2 `RPN.losses`).
+
+    Args: logits / deltas per level (`outputs`); anchors per level (`anchors`); gt dict (boxes
+      [N, M, 4] float32, valid [N, M] bool); rng; samples (see `MaskRCNN.losses`); the
+      sampler's num_samples / positive_fraction per image.
+    Returns: (dict(loss_rpn_cls, loss_rpn_box) float32 scalars, pos [N, A] bool positives).
+    """
+    conv = self.cfg.conv
+    n = logits[0].shape[0]
+    all_anchors = jnp.asarray(np.concatenate(anchors, axis=0))
+    if "rpn_pos" in samples:
+      pos = jnp.asarray(samples["rpn_pos"], bool)
+      neg = jnp.asarray(samples["rpn_neg"], bool)
+      if pos.shape != (n, all_anchors.shape[0]) or neg.shape != pos.shape:
+        raise ValueError(f"samples['rpn_pos'] / ['rpn_neg'] must be [{n}, {all_anchors.shape[0]}]"
+                         f" (all anchors), got {pos.shape} / {neg.shape}")
+      matches = jax.vmap(lambda g, v: targets_lib.rpn_match(all_anchors, g, v, convention=conv)[0])(
+          gt["boxes"], gt["valid"])
+      box_targets = jax.vmap(lambda g, m, p: targets_lib.rpn_sampled_targets(
+          all_anchors, g, m, p, convention=conv))(gt["boxes"], matches, pos)
+    else:
+      rpn_t = jax.vmap(
+          lambda g, v, r: targets_lib.rpn_targets(
+              all_anchors, g, v, r, convention=conv, num_samples=num_samples,
+              positive_fraction=positive_fraction))(gt["boxes"], gt["valid"],
+                                                    jax.random.split(rng, n))
+      pos, neg, box_targets = rpn_t["pos"], rpn_t["neg"], rpn_t["box_targets"]
+    terms = losses_lib.rpn_losses(
+        jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), pos, neg, box_targets,
+        convention=conv, num_samples_per_image=num_samples)
+    return terms, pos
 
 
 def select_proposals(

@@ -95,7 +95,7 @@ def test_mask_scoring_outputs_iou_times_score():
   # Recompute MaskIoU for the returned detections through the module's own stages.
   def maskiou(mdl, imgs, boxes, labels, v):
     feats = mdl.features(imgs)
-    return mdl.mask_branch(feats, boxes, labels, v)[1]
+    return mdl.roi_heads.mask_branch(feats, boxes, labels, v)[1]
 
   iou = model.apply(variables, images, out["paste_boxes"] * jnp.asarray(scale)[:, None, [0, 1, 0, 1]],
                     out["labels"], out["valid"], method=maskiou)

@@ -21,7 +21,8 @@ import pytest
 
 from maskrcnn_jax import config_lib
 from maskrcnn_jax.modeling.build import build_model, init_variables
-from maskrcnn_jax.modeling.mask_rcnn import ModelConfig, image_anchors
+from maskrcnn_jax.modeling.mask_rcnn import ModelConfig
+from maskrcnn_jax.modeling.rpn import image_anchors
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"C4": "detectron2/mask_rcnn_R_50_C4_1x", "DC5": "detectron2/mask_rcnn_R_50_DC5_1x"}

@@ -1,4 +1,4 @@
-"""Loss forms and normalizations (training/losses.py) and the train-mode forward MaskRCNN.losses."""
+"""Loss forms and normalizations (ops/losses.py) and the train-mode forward MaskRCNN.losses."""
 from __future__ import annotations
 
 import math
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax import config_lib, conventions
+from maskrcnn_jax.data import coco_categories
 from maskrcnn_jax.modeling.build import build_model
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN
-from maskrcnn_jax.training import losses
+from maskrcnn_jax.ops import losses
 
 MM, D2, TV = conventions.MMDET, conventions.DETECTRON2, conventions.TORCHVISION
 ROOT = Path(__file__).resolve().parents[2]
@@ -276,7 +277,7 @@ def test_losses_trace_for_other_conventions(recipe):
   config = _config(recipe)
   model = build_model(config, train=True)
   batch = _batch(16)
-  ids = config_lib.COCO_CATEGORY_IDS if "torchvision" in recipe else None
+  ids = coco_categories.COCO_CATEGORY_IDS if "torchvision" in recipe else None
 
   def f(rng):
     variables = model.init(rng, batch, rng, method=MaskRCNN.losses, category_ids=ids, **KW)
