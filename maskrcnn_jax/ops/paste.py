@@ -22,8 +22,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from maskrcnn_jax.data.transforms import (bilinear_from_indices, fma_f32, linear_source_indices,
-                                          torch_bilinear_kernel)
+from maskrcnn_jax.ops.resample import (bilinear_from_indices, fma_f32, linear_source_indices,
+                                       torch_bilinear_kernel)
 
 _F1 = np.float32(1)
 

@@ -17,11 +17,11 @@ moved:
   RLE-encodes straight from the window. A detection moves ceil(h/32) * ceil(w/32) * 128 bytes.
 
 Bitwise equality with the host paste (tested on random and edge cases). The references' CPU kernels
-round some expressions once (gcc contracts them to FMAs, see `transforms.fma_f32`) and the others
+round some expressions once (gcc contracts them to FMAs, see `resample.fma_f32`) and the others
 operation by operation. XLA contracts `a * b + c` on its own (observed on CPU), and may or may not
 for a given backend and fusion, so nothing here relies on it: every FMA of the references is
 computed exactly in float64 (the float32 product is exact there; TwoSum plus rounding to odd makes
-the one rounding to float32 correct, as `transforms.fma_f32` does), and every division is done in
+the one rounding to float32 correct, as `resample.fma_f32` does), and every division is done in
 float64 and rounded once to float32 (equal to the float32 division: 53 >= 2 * 24 + 2). The kernel is
 therefore traced with 64-bit types enabled (`jax.enable_x64()` around the call, thread-local; inputs
 and outputs stay 32-bit). Deliberate difference: XLA on CPU flushes float32 denormals to zero; the
@@ -50,7 +50,7 @@ def fma_f32(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
 
   Needs 64-bit types at trace time. The float32 product is exact in float64; the float64 sum is
   corrected to round-to-odd with Knuth's TwoSum residual, after which the conversion to float32
-  rounds correctly (the jnp twin of `transforms.fma_f32`). Every float64 product here is exact, so
+  rounds correctly (the jnp twin of `resample.fma_f32`). Every float64 product here is exact, so
   an FMA contraction by the compiler cannot change a value.
 
   Args:
@@ -139,7 +139,7 @@ def _grid_sample_tiles(padded: jax.Array, boxes: jax.Array, table: jax.Array, ma
 
 
 def _tv_source(dst: jax.Array, in_size: int, out_size: jax.Array):
-  """`transforms.linear_source_indices(in_size, out_size)` at output positions dst (int32 [T, k],
+  """`resample.linear_source_indices(in_size, out_size)` at output positions dst (int32 [T, k],
   out_size int32 [T, 1]): (i0, i1, lambda0, lambda1)."""
   f32, f64 = jnp.float32, jnp.float64
   ratio = _div_f32(jnp.full(out_size.shape, in_size, f32), out_size.astype(f32))
@@ -160,7 +160,7 @@ def _tv_source(dst: jax.Array, in_size: int, out_size: jax.Array):
 
 def _tv_legacy_tiles(padded: jax.Array, table: jax.Array, mask_hw, tile: int) -> jax.Array:
   """Soft torchvision legacy paste values of each tile, [T, tile, tile] float32 (ops/paste.py
-  `paste_mask_tv_legacy` and `transforms.bilinear_from_indices` twins)."""
+  `paste_mask_tv_legacy` and `resample.bilinear_from_indices` twins)."""
   mh, mw = mask_hw
   in_h, in_w = mh + 2, mw + 2
   det = table[:, DET]
@@ -191,7 +191,7 @@ def _tv_legacy_tiles(padded: jax.Array, table: jax.Array, mask_hw, tile: int) ->
   t0 = fma_f32(x00, lw0[:, None, :], x01 * lw1[:, None, :])
   t1 = fma_f32(x10, lw0[:, None, :], x11 * lw1[:, None, :])
   generic = fma_f32(t0, lh0[:, :, None], t1 * lh1[:, :, None])
-  channels_last = (out_h + out_w <= 128)[:, :, None]  # transforms.torch_bilinear_kernel, C = 1
+  channels_last = (out_h + out_w <= 128)[:, :, None]  # resample.torch_bilinear_kernel, C = 1
   return jnp.where(channels_last, last, generic)
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from maskrcnn_jax.data import transforms
+from maskrcnn_jax.ops import resample
 from tests import golden
 
 RULES = {"mm": "mmdet", "d2": "detectron2", "tv": "torchvision"}
@@ -102,19 +103,19 @@ def test_torchvision_normalize_then_resize_bitwise(g):
 def test_torch_kernels_agree_within_an_ulp():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 37, 53)).astype(np.float32)
-  a = transforms.torch_upsample_bilinear(x, (62, 90), kernel="channels_last")
-  b = transforms.torch_upsample_bilinear(x, (62, 90), kernel="generic")
+  a = resample.torch_upsample_bilinear(x, (62, 90), kernel="channels_last")
+  b = resample.torch_upsample_bilinear(x, (62, 90), kernel="generic")
   assert not np.array_equal(a, b)  # the summation orders differ ...
   np.testing.assert_allclose(a, b, rtol=0, atol=4e-7 * np.abs(x).max())  # ... by rounding only
-  assert transforms.torch_bilinear_kernel(3, (800, 1066), num_threads=1) == "channels_last"
-  assert transforms.torch_bilinear_kernel(3, (800, 1066), num_threads=8) == "generic"
-  assert transforms.torch_bilinear_kernel(1, (60, 60), num_threads=8) == "channels_last"
+  assert resample.torch_bilinear_kernel(3, (800, 1066), num_threads=1) == "channels_last"
+  assert resample.torch_bilinear_kernel(3, (800, 1066), num_threads=8) == "generic"
+  assert resample.torch_bilinear_kernel(1, (60, 60), num_threads=8) == "channels_last"
 
 
 def test_torch_bilinear_same_size_is_identity():
   x = np.random.default_rng(1).normal(size=(3, 11, 13)).astype(np.float32)
   for kernel in ("channels_last", "generic"):
-    np.testing.assert_array_equal(transforms.torch_upsample_bilinear(x, (11, 13), kernel=kernel), x)
+    np.testing.assert_array_equal(resample.torch_upsample_bilinear(x, (11, 13), kernel=kernel), x)
 
 
 def test_fma_f32_is_correctly_rounded():
@@ -123,9 +124,9 @@ def test_fma_f32_is_correctly_rounded():
   b = np.float32(1 - 2.0**-18)
   c = np.float32(1 + 2.0**-23)
   assert np.float32(np.float64(a) * np.float64(b) + np.float64(c)) != c
-  assert transforms.fma_f32(np.array([a]), np.array([b]), np.array([c]))[0] == c
+  assert resample.fma_f32(np.array([a]), np.array([b]), np.array([c]))[0] == c
   x = np.random.default_rng(2).normal(size=(3, 1000)).astype(np.float32)
-  np.testing.assert_allclose(transforms.fma_f32(*x), x[0] * x[1] + x[2], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(resample.fma_f32(*x), x[0] * x[1] + x[2], rtol=1e-6, atol=1e-6)
 
 
 def _random_image(h, w, seed=0):

@@ -15,8 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from maskrcnn_jax.data import transforms
-from maskrcnn_jax.ops import paste, paste_device, paste_plan
+from maskrcnn_jax.ops import paste, paste_device, paste_plan, resample
 from tests import golden
 
 
@@ -185,7 +184,7 @@ def test_fma_f32_is_correctly_rounded():
   a, b, c = (np.concatenate(v) for v in ((a, ra), (b, rb), (c, rc)))
   with jax.enable_x64(True):
     got = np.asarray(jax.jit(paste_device.fma_f32)(a, b, c))
-  want = transforms.fma_f32(a, b, c)
+  want = resample.fma_f32(a, b, c)
   np.testing.assert_array_equal(got, want)
   naive = (a.astype(np.float64) * b + c).astype(np.float32)  # double rounding
   assert (naive != want).sum() > 50
