@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maskrcnn_jax import config_lib, conventions as conventions_lib
+from maskrcnn_jax import conventions as conventions_lib
+from maskrcnn_jax.data import coco_categories
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.modeling.build import build_model
 from maskrcnn_jax.ops import paste as paste_lib
@@ -40,7 +41,7 @@ def category_ids(config: ml_collections.ConfigDict) -> np.ndarray:
   ids = config.get("category_ids", None)
   if conv.class_layout == "bg_first":
     return np.arange(config.model.num_classes + 1)
-  return np.asarray(ids if ids else config_lib.COCO_CATEGORY_IDS)
+  return np.asarray(ids if ids else coco_categories.COCO_CATEGORY_IDS)
 
 
 def category_names(config: ml_collections.ConfigDict) -> Dict[int, str]:
@@ -48,7 +49,7 @@ def category_names(config: ml_collections.ConfigDict) -> Dict[int, str]:
   ids = config.get("category_ids", None)
   if names and ids:
     return dict(zip(ids, names))
-  return dict(zip(config_lib.COCO_CATEGORY_IDS, config_lib.COCO_CLASS_NAMES))
+  return dict(zip(coco_categories.COCO_CATEGORY_IDS, coco_categories.COCO_CLASS_NAMES))
 
 
 def paste_masks(mask_probs: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int],

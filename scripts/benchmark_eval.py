@@ -91,7 +91,7 @@ def make_dataset(root: str, num_images: int, seed: int = 0, size=(480, 640)):
   image dir)."""
   import cv2
   import skimage.data
-  from maskrcnn_jax import config_lib
+  from maskrcnn_jax.data import coco_categories
   photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
             skimage.data.rocket(), skimage.data.immunohistochemistry(), skimage.data.colorwheel()]
   rng = np.random.default_rng(seed)
@@ -111,11 +111,11 @@ def make_dataset(root: str, num_images: int, seed: int = 0, size=(480, 640)):
       x, y = rng.uniform(0, size[1] - w), rng.uniform(0, size[0] - h)
       poly = [x, y, x + w, y, x + w, y + h, x, y + h]
       anns.append({"id": len(anns) + 1, "image_id": i + 1,
-                   "category_id": int(rng.choice(config_lib.COCO_CATEGORY_IDS[:10])),
+                   "category_id": int(rng.choice(coco_categories.COCO_CATEGORY_IDS[:10])),
                    "segmentation": [[float(v) for v in poly]], "area": float(w * h),
                    "bbox": [float(x), float(y), float(w), float(h)], "iscrowd": 0})
-  cats = [{"id": c, "name": n} for c, n in zip(config_lib.COCO_CATEGORY_IDS,
-                                                config_lib.COCO_CLASS_NAMES)]
+  cats = [{"id": c, "name": n} for c, n in zip(coco_categories.COCO_CATEGORY_IDS,
+                                                coco_categories.COCO_CLASS_NAMES)]
   ann_file = os.path.join(root, "annotations.json")
   with open(ann_file, "w") as f:
     json.dump({"images": images, "annotations": anns, "categories": cats}, f)
@@ -157,13 +157,14 @@ def device_only_seconds(config, variables, images, batch_size_per_device, repeat
 def val_scale(args):
   """The host-side stages at val scale (module docstring, first mode)."""
   import jax
-  from maskrcnn_jax import config_lib, conventions
+  from maskrcnn_jax import conventions
+  from maskrcnn_jax.data import coco_categories
   from maskrcnn_jax.evaluation import coco_eval, coco_format, host, synthetic
   from maskrcnn_jax.ops import paste_device, paste_plan
 
   n_img, n_det = args.num_images or 5000, args.dets
   conv = conventions.get(args.convention)
-  table = np.asarray(config_lib.COCO_CATEGORY_IDS)
+  table = np.asarray(coco_categories.COCO_CATEGORY_IDS)
   device = jax.devices()[0]
   print(f"val scale: {n_img} images x {n_det} detections, convention {conv.name} "
         f"({conv.paste}); device {device.device_kind} ({jax.default_backend()}); "

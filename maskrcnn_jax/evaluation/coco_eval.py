@@ -42,7 +42,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn_jax import config_lib, errors
+from maskrcnn_jax import errors
+from maskrcnn_jax.data import coco_categories
 from maskrcnn_jax.evaluation import coco_format
 
 # COCOeval.stats order (`COCOeval.summarize` for bbox / segm).
@@ -105,7 +106,7 @@ def model_category_ids(config) -> Tuple[np.ndarray, str]:
   if conv.class_layout == "bg_first":
     return np.arange(num_classes + 1, dtype=np.int64), "bg_first"
   ids = config.get("category_ids", None)
-  table = np.asarray(list(ids) if ids else config_lib.COCO_CATEGORY_IDS, np.int64)
+  table = np.asarray(list(ids) if ids else coco_categories.COCO_CATEGORY_IDS, np.int64)
   if len(table) != num_classes:
     source = "config.category_ids" if ids else "the 80 COCO category ids (config.category_ids unset)"
     raise CategoryMismatchError(

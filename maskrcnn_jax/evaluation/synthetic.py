@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 from pycocotools import mask as mask_util
 
-from maskrcnn_jax import config_lib
+from maskrcnn_jax.data import coco_categories
 
 # (H, W) of frequent COCO val2017 photo sizes.
 COCO_SIZES = ((480, 640), (427, 640), (640, 480), (375, 500), (640, 427), (424, 640),
@@ -49,7 +49,7 @@ def make_ground_truth(num_images: int, *, seed: int = 0, instances_per_image: fl
   """
   rng = np.random.default_rng(seed)
   images, anns = [], []
-  cat_ids = np.asarray(config_lib.COCO_CATEGORY_IDS)
+  cat_ids = np.asarray(coco_categories.COCO_CATEGORY_IDS)
   for i in range(num_images):
     h, w = sizes[int(rng.integers(len(sizes)))]
     image_id = i + 1
@@ -75,7 +75,7 @@ def make_ground_truth(num_images: int, *, seed: int = 0, instances_per_image: fl
                    "segmentation": segmentation, "area": float(mask_util.area(rle)),
                    "bbox": [bx, by, bbw, bbh], "iscrowd": crowd})
   cats = [{"id": int(c), "name": name}
-          for c, name in zip(config_lib.COCO_CATEGORY_IDS, config_lib.COCO_CLASS_NAMES)]
+          for c, name in zip(coco_categories.COCO_CATEGORY_IDS, coco_categories.COCO_CLASS_NAMES)]
   return {"images": images, "annotations": anns, "categories": cats}
 
 
@@ -99,7 +99,7 @@ def _soft_ellipses(rng: np.random.Generator, boxes: np.ndarray, targets: np.ndar
 
 def iter_detections(gt: Dict[str, Any], *, dets_per_image: int = 100, seed: int = 0,
                     mask_size: int = 28, image_ids: Optional[Sequence[int]] = None,
-                    category_ids: Sequence[int] = config_lib.COCO_CATEGORY_IDS
+                    category_ids: Sequence[int] = coco_categories.COCO_CATEGORY_IDS
                     ) -> Iterator[Dict[str, Any]]:
   """Per image of `gt` (or of `image_ids`), synthetic model outputs for `host.paste_and_encode`.
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax import config_lib, conventions
+from maskrcnn_jax.data import coco_categories
 from maskrcnn_jax.evaluation import coco_eval, coco_format, host
 from tests.evaluation import tiny
 
@@ -169,13 +170,13 @@ def _config(convention="mmdet", **kw):
 
 
 def test_category_check_coco_default():
-  table = coco_eval.check_categories(config_lib.COCO_CATEGORY_IDS, _config("mmdet"))
-  np.testing.assert_array_equal(table, config_lib.COCO_CATEGORY_IDS)
+  table = coco_eval.check_categories(coco_categories.COCO_CATEGORY_IDS, _config("mmdet"))
+  np.testing.assert_array_equal(table, coco_categories.COCO_CATEGORY_IDS)
   with pytest.raises(coco_eval.CategoryMismatchError) as e:
     coco_eval.check_categories([1, 2, 3], _config("detectron2"), "val.json")
   msg = str(e.value)
   assert "val.json" in msg and "80 COCO category ids" in msg and "absent from the json" in msg
-  ids = list(config_lib.COCO_CATEGORY_IDS[:-1]) + [91]
+  ids = list(coco_categories.COCO_CATEGORY_IDS[:-1]) + [91]
   with pytest.raises(coco_eval.CategoryMismatchError, match=r"not a class of the checkpoint: \[91\]"):
     coco_eval.check_categories(ids, _config("mmdet"))
 
@@ -192,7 +193,7 @@ def test_category_check_custom_ids():
 
 def test_category_check_torchvision_layout():
   config = _config("torchvision")
-  table = coco_eval.check_categories(config_lib.COCO_CATEGORY_IDS, config)
+  table = coco_eval.check_categories(coco_categories.COCO_CATEGORY_IDS, config)
   np.testing.assert_array_equal(table, np.arange(91))
   coco_eval.check_categories([1, 5, 90], config)  # any subset of the 90 ids
   with pytest.raises(coco_eval.CategoryMismatchError, match="1..90"):

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 
-from maskrcnn_jax import config_lib
+from maskrcnn_jax.data import coco_categories
 from maskrcnn_jax.data import builtin
 from maskrcnn_jax.evaluation import coco_eval, host, synthetic
 
@@ -61,7 +61,7 @@ def test_coco_like_val_with_crowd_and_empty_images(tmp_path):
   ann_file = tmp_path / "val.json"
   ann_file.write_text(json.dumps(gt_dict))
   gt = coco_eval.load_ground_truth(str(ann_file))
-  results = _results(gt_dict, config_lib.COCO_CATEGORY_IDS, dets_per_image=40)
+  results = _results(gt_dict, coco_categories.COCO_CATEGORY_IDS, dets_per_image=40)
   # Detections on crowd regions exist (COCOeval ignores their matches).
   crowd_images = {a["image_id"] for a in crowd}
   assert any(r["image_id"] in crowd_images for r in results)
