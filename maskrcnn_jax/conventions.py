@@ -92,6 +92,12 @@ class Convention:
   # anchors: mmdet avg_factor, torchvision) or 'batch' (detectron2: batch_size_per_image x images).
   box_loss_beta: float
   rpn_loss_normalizer: str
+  # 4.1 RPN anchors that take part in training: mmdet marks an anchor location invalid when it
+  # lies beyond the image's own padded shape (`AnchorGenerator.valid_flags` with the image's
+  # pad_shape, the image padded to this multiple; allowed_border -1 adds nothing): such anchors
+  # are neither matched nor sampled. 0: every anchor of the batch canvas (detectron2 and
+  # torchvision, whose BOUNDARY_THRESH -1 keeps all).
+  rpn_anchor_pad_divisor: int
   # 3.5 BatchNorm eps when no checkpoint decides it (training from scratch); a converted
   # checkpoint records its own (checkpoints/provenance.py: torchvision COCO_V1 ran with 0.0).
   bn_eps: float = 1e-5
@@ -132,6 +138,7 @@ MMDET = Convention(
     mask_target_canvas_divisor=32,
     box_loss_beta=0.0,
     rpn_loss_normalizer="sampled",
+    rpn_anchor_pad_divisor=32,
 )
 
 DETECTRON2 = Convention(
@@ -169,6 +176,7 @@ DETECTRON2 = Convention(
     mask_target_canvas_divisor=1,
     box_loss_beta=0.0,
     rpn_loss_normalizer="batch",
+    rpn_anchor_pad_divisor=0,
 )
 
 TORCHVISION = Convention(
@@ -206,6 +214,7 @@ TORCHVISION = Convention(
     mask_target_canvas_divisor=1,
     box_loss_beta=1.0 / 9.0,
     rpn_loss_normalizer="sampled",
+    rpn_anchor_pad_divisor=0,
 )
 
 _ALL = {c.name: c for c in (MMDET, DETECTRON2, TORCHVISION)}

@@ -347,7 +347,8 @@ class MaskRCNN(nn.Module):
     anchors = self.rpn.anchors(feats)
     terms, rpn_pos = self.rpn.losses(logits, deltas, anchors, gt, rng_rpn, samples,
                                      num_samples=rpn_batch_per_image,
-                                     positive_fraction=rpn_positive_fraction)
+                                     positive_fraction=rpn_positive_fraction,
+                                     anchor_valid=self.rpn.anchor_valid(feats, image_hw))
 
     # Proposals (no gradient) and R-CNN sampling.
     if "proposals" in samples:

@@ -10,7 +10,7 @@ _bbox_post_process), detectron2/modeling/proposal_generator/proposal_utils.py
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Mapping, Sequence
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -76,6 +76,34 @@ class RPN(nn.Module):
     stride = self.cfg.feature_strides[0]
     return image_anchors(self.cfg, (first.shape[1] * stride, first.shape[2] * stride))
 
+  def anchor_valid(self, feats: Mapping[str, jax.Array], image_hw: jax.Array
+                   ) -> Optional[jax.Array]:
+    """[N, A] bool: the anchors that take part in training for images of size image_hw [N, 2]
+    int32, or None when all do (`Convention.rpn_anchor_pad_divisor` 0).
+
+    mmdet `AnchorGenerator.valid_flags`: on a level of stride s and size H x W, the locations
+    y < min(ceil(pad_h / s), H) and x < min(ceil(pad_w / s), W) of the image's own padded size.
+    """
+    d = int(self.cfg.conv.rpn_anchor_pad_divisor)
+    if d <= 0:
+      return None
+    pad = (jnp.asarray(image_hw, jnp.int32) + d - 1) // d * d  # [N, 2]
+    per_level = []
+    for name, stride in zip(self.cfg.feature_names, self._level_strides()):
+      h, w = feats[name].shape[1:3]
+      a = self.head.num_anchors
+      # Anchor order (y * W + x) * A + a (`image_anchors`): static row / column of each anchor.
+      ys = jnp.asarray(np.repeat(np.arange(h), w * a), jnp.int32)
+      xs = jnp.asarray(np.tile(np.repeat(np.arange(w), a), h), jnp.int32)
+      valid_h = (pad[:, :1] + stride - 1) // stride
+      valid_w = (pad[:, 1:] + stride - 1) // stride
+      per_level.append((ys[None] < valid_h) & (xs[None] < valid_w))
+    return jnp.concatenate(per_level, axis=1)
+
+  def _level_strides(self) -> tuple[int, ...]:
+    """The anchor stride of each level of `cfg.feature_names` (P6: 64)."""
+    return tuple(self.cfg.anchor_strides) if self.cfg.arch == "FPN" else self.cfg.feature_strides
+
   def __call__(self, feats: Mapping[str, jax.Array], image_hw: jax.Array):
     """Test-time proposals: boxes [N, P, 4], scores [N, P], valid [N, P] bool (P =
     rpn_post_nms_topk_test); image_hw [N, 2] int32 resized unpadded sizes."""
@@ -99,35 +127,40 @@ class RPN(nn.Module):
     return jax.vmap(fn)(logits, deltas, image_hw)
 
   def losses(self, logits, deltas, anchors, gt: Mapping[str, jax.Array], rng: jax.Array,
-             samples: Mapping[str, jax.Array], *, num_samples: int, positive_fraction: float
+             samples: Mapping[str, jax.Array], *, num_samples: int, positive_fraction: float,
+             anchor_valid: Optional[jax.Array] = None
              ) -> tuple[Dict[str, jax.Array], jax.Array]:
     """Anchor matching, sampling (or given `samples['rpn_pos' / 'rpn_neg']` [N, A] bool) and
     the RPN losses (detectron2 `RPN.losses`).
 
     Args: logits / deltas per level (`outputs`); anchors per level (`anchors`); gt dict (boxes
       [N, M, 4] float32, valid [N, M] bool); rng; samples (see `MaskRCNN.losses`); the
-      sampler's num_samples / positive_fraction per image.
+      sampler's num_samples / positive_fraction per image; anchor_valid [N, A] bool or None
+      (`anchor_valid`).
     Returns: (dict(loss_rpn_cls, loss_rpn_box) float32 scalars, pos [N, A] bool positives).
     """
     conv = self.cfg.conv
     n = logits[0].shape[0]
     all_anchors = jnp.asarray(np.concatenate(anchors, axis=0))
+    if anchor_valid is None:
+      anchor_valid = jnp.ones((n, all_anchors.shape[0]), bool)
     if "rpn_pos" in samples:
       pos = jnp.asarray(samples["rpn_pos"], bool)
       neg = jnp.asarray(samples["rpn_neg"], bool)
       if pos.shape != (n, all_anchors.shape[0]) or neg.shape != pos.shape:
         raise ValueError(f"samples['rpn_pos'] / ['rpn_neg'] must be [{n}, {all_anchors.shape[0]}]"
                          f" (all anchors), got {pos.shape} / {neg.shape}")
-      matches = jax.vmap(lambda g, v: targets_lib.rpn_match(all_anchors, g, v, convention=conv)[0])(
-          gt["boxes"], gt["valid"])
+      matches = jax.vmap(lambda g, v, av: targets_lib.rpn_match(
+          all_anchors, g, v, convention=conv, anchor_valid=av)[0])(
+              gt["boxes"], gt["valid"], anchor_valid)
       box_targets = jax.vmap(lambda g, m, p: targets_lib.rpn_sampled_targets(
           all_anchors, g, m, p, convention=conv))(gt["boxes"], matches, pos)
     else:
       rpn_t = jax.vmap(
-          lambda g, v, r: targets_lib.rpn_targets(
+          lambda g, v, r, av: targets_lib.rpn_targets(
               all_anchors, g, v, r, convention=conv, num_samples=num_samples,
-              positive_fraction=positive_fraction))(gt["boxes"], gt["valid"],
-                                                    jax.random.split(rng, n))
+              positive_fraction=positive_fraction, anchor_valid=av))(
+                  gt["boxes"], gt["valid"], jax.random.split(rng, n), anchor_valid)
       pos, neg, box_targets = rpn_t["pos"], rpn_t["neg"], rpn_t["box_targets"]
     terms = losses_lib.rpn_losses(
         jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1), pos, neg, box_targets,

@@ -58,30 +58,41 @@ def _safe_encode(src, gt, ok, *, form, weights):
   return jnp.where(ok[:, None], box_coder.encode(src, gt, form=form, weights=weights), 0.0)
 
 
-def rpn_match(anchors, gt_boxes, gt_valid, *, convention: conventions_lib.Convention):
+def rpn_match(anchors, gt_boxes, gt_valid, *, convention: conventions_lib.Convention,
+              anchor_valid=None):
   """Matches every anchor of one image to the GTs (parity_spec 4.1, RPN rows).
 
   mmdet MaxIoUAssigner(pos 0.7, neg 0.3, min_pos_iou 0.3, low-quality with all ties, re-pointing
   to the last tied GT); detectron2 Matcher([0.3, 0.7], [0, -1, 1], low-quality on); torchvision's
-  Matcher(0.7, 0.3, low-quality) decides the same as detectron2. All anchors take part (mmdet
-  allowed_border = -1, d2 BOUNDARY_THRESH = -1).
+  Matcher(0.7, 0.3, low-quality) decides the same as detectron2. No border filter (mmdet
+  allowed_border = -1, d2 BOUNDARY_THRESH = -1); mmdet leaves out the anchors beyond the image's
+  own padded shape (`anchor_valid`, `Convention.rpn_anchor_pad_divisor`), also from the
+  low-quality step.
 
   Args:
     anchors: [A, 4] float32 xyxy padded-image pixels, all levels concatenated.
     gt_boxes: [M, 4] float32 xyxy.
     gt_valid: [M] bool, already `usable_gt` (crowd and padding excluded).
     convention: selects the matcher.
+    anchor_valid: optional [A] bool, the anchors that take part (None: all).
 
   Returns:
     matches [A] int32 (GT index of each anchor, meaningful for foreground), labels [A] int32
-    (1 fg, 0 bg, -1 ignore), as `matcher.match`.
+    (1 fg, 0 bg, -1 ignore), as `matcher.match`; anchors outside `anchor_valid` are -1.
   """
   iou = boxes_lib.pairwise_iou(jnp.asarray(gt_boxes, jnp.float32),
                                jnp.asarray(anchors, jnp.float32))
+  if anchor_valid is not None:
+    # IoU -1 is below every threshold and every GT's best IoU: such an anchor is neither
+    # matched nor a low-quality match, as if it were not there (mmdet removes it).
+    iou = jnp.where(anchor_valid[None, :], iou, -1.0)
   form = convention.matcher
   kw = dict(min_pos_iou=RPN_MIN_POS_IOU) if form == "mmdet" else {}
-  return matcher.match(iou, gt_valid, form=form, high=RPN_POS_IOU, low=RPN_NEG_IOU,
-                       allow_low_quality=True, **kw)
+  matches, labels = matcher.match(iou, gt_valid, form=form, high=RPN_POS_IOU, low=RPN_NEG_IOU,
+                                  allow_low_quality=True, **kw)
+  if anchor_valid is not None:
+    labels = jnp.where(anchor_valid, labels, -1)
+  return matches, labels
 
 
 def rpn_sampled_targets(anchors, gt_boxes, matches, pos, *,
@@ -95,7 +106,7 @@ def rpn_sampled_targets(anchors, gt_boxes, matches, pos, *,
 
 
 def rpn_targets(anchors, gt_boxes, gt_valid, rng, *, convention: conventions_lib.Convention,
-                num_samples: int = 256, positive_fraction: float = 0.5):
+                num_samples: int = 256, positive_fraction: float = 0.5, anchor_valid=None):
   """Anchor labels and regression targets of one image: `rpn_match`, the sampler
   (`num_samples` with `positive_fraction` positives, no GT added), `rpn_sampled_targets`.
 
@@ -105,6 +116,7 @@ def rpn_targets(anchors, gt_boxes, gt_valid, rng, *, convention: conventions_lib
     gt_valid: [M] bool, already `usable_gt` (crowd and padding excluded).
     rng: PRNG key of the sampler.
     convention: selects the matcher and the box-coder form.
+    anchor_valid: optional [A] bool, the anchors that take part (`rpn_match`).
 
   Returns dict:
     pos [A] bool, neg [A] bool: the sampled positives / negatives;
@@ -112,7 +124,8 @@ def rpn_targets(anchors, gt_boxes, gt_valid, rng, *, convention: conventions_lib
     matched_gt [A] int32: GT index of each anchor (meaningful for positives);
     labels [A] int32: matcher labels before sampling (1 fg, 0 bg, -1 ignore).
   """
-  matches, labels = rpn_match(anchors, gt_boxes, gt_valid, convention=convention)
+  matches, labels = rpn_match(anchors, gt_boxes, gt_valid, convention=convention,
+                              anchor_valid=anchor_valid)
   pos, neg = sampler.sample_labels(labels, jnp.ones(labels.shape, bool), rng,
                                    num_samples=num_samples, positive_fraction=positive_fraction)
   box_targets = rpn_sampled_targets(anchors, gt_boxes, matches, pos, convention=convention)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,52 @@ def test_rpn_mmdet_vs_detectron2():
   assert mm["neg"][1] and not mm["pos"][1]
   np.testing.assert_allclose(d2["box_targets"][1], [-0.25, -0.25, math.log(0.5), math.log(0.5)],
                              rtol=1e-6)
+
+
+def test_rpn_anchors_outside_the_valid_set_take_no_part():
+  # mmdet removes the anchors beyond an image's own padded shape before assigning: they are
+  # never sampled, not even with no GT, and a GT's low-quality match goes to the best *valid*
+  # anchor, though an invalid one overlaps it more.
+  anchors = np.array([[0, 0, 32, 32], [30, 30, 62, 62], [40, 40, 72, 72], [200, 200, 232, 232]],
+                     np.float32)
+  gt = np.array([[38, 38, 70, 70]], np.float32)  # best: anchor 2 (IoU 0.78), then anchor 1
+  av = np.array([True, True, False, True])
+  m_all, l_all = targets.rpn_match(anchors, gt, np.array([True]), convention=MM)
+  m, lab = targets.rpn_match(anchors, gt, np.array([True]), convention=MM, anchor_valid=av)
+  assert list(np.asarray(l_all)) == [0, -1, 1, 0]  # anchor 1: IoU 0.6, ignored
+  assert list(np.asarray(lab)) == [0, 1, -1, 0]  # low-quality: anchor 1 is the GT's best valid
+  _, lab0 = targets.rpn_match(anchors, gt, np.array([False]), convention=MM, anchor_valid=av)
+  assert list(np.asarray(lab0)) == [0, 0, -1, 0]
+  t = _np(targets.rpn_targets(anchors, gt, np.array([True]), jax.random.PRNGKey(0),
+                              convention=MM, anchor_valid=av))
+  assert not (t["pos"] | t["neg"])[2] and t["pos"][1]
+
+
+@pytest.mark.parametrize("recipe", ["mmdet/mask_rcnn_r50_fpn_1x_coco",
+                                    "detectron2/mask_rcnn_R_50_FPN_1x"])
+def test_rpn_anchor_valid_follows_the_image_padded_size(recipe):
+  from maskrcnn_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.modeling.build import build_model  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[2]
+  model = build_model(config_lib.load_config_file(str(root / "configs" / f"{recipe}.py")))
+  feats = {k: jnp.zeros((2, 256 // s, 320 // s, 8)) for k, s in
+           zip(("p2", "p3", "p4", "p5"), (4, 8, 16, 32))}
+  feats["p6"] = jnp.zeros((2, 4, 5, 8))
+  image_hw = jnp.asarray([[256, 320], [150, 201]], jnp.int32)
+  valid, anchors = model.apply(
+      {}, feats, image_hw, method=lambda m, f, hw: (m.rpn.anchor_valid(f, hw), m.rpn.anchors(f)))
+  if recipe.startswith("detectron2"):
+    assert valid is None  # every anchor of the canvas takes part
+    return
+  valid = np.asarray(valid)
+  anchors = np.concatenate(anchors)
+  assert valid.shape == (2, anchors.shape[0])
+  cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
+  # mmdet's anchor centres sit at the grid points x * stride: valid <=> the centre lies inside
+  # the image padded to 32 (150 x 201 -> 160 x 224); the first image fills the canvas.
+  assert valid[0].all()
+  np.testing.assert_array_equal(valid[1], (cx < 224) & (cy < 160))
+  assert 0 < valid[1].sum() < valid.shape[1]
 
 
 def test_rpn_sampling_caps_positives():
