@@ -20,7 +20,7 @@ printed. `--num-images` measures a fraction of the set.
 
 times the whole evaluation with a model, as follows.
 
-Model: the recipe's R-50-FPN with deterministic seeded weights (`checkpoints.synthetic` on the key
+Model: the recipe's R-50-FPN with deterministic seeded weights (`tests/synthetic_weights.py` on the key
 list in tests/fixtures/checkpoint_keys, converted by the real converter's `convert_state_dict`),
 with a few entries rescaled so that random weights behave like a trained detector at test time:
 small residual branches (features stay O(1)), small box regressors (proposals ~ anchors), and ten
@@ -63,8 +63,8 @@ KEYS = {
 
 def seeded_variables(config, recipe: str, seed: int = 0):
   """Converted seeded weights that give ~100 detections per image (see the module docstring)."""
-  from maskrcnn_jax.checkpoints import synthetic
-  from maskrcnn_jax.convert import convert_state_dict
+  from tests import synthetic_weights as synthetic
+  from maskrcnn_jax.checkpoints.conversion import convert_state_dict
   keys = synthetic.read_key_tsv(ROOT / "tests/fixtures/checkpoint_keys" / KEYS[recipe])
   names = {k[0]: k for k in keys}
   scales, overrides = {}, {}

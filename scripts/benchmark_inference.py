@@ -2,7 +2,7 @@
 
   python scripts/benchmark_inference.py [--image PATH] [--repeats 5] [--threads 2]
 
-Both models get the same deterministic weights (maskrcnn_jax.checkpoints.synthetic; the decisive
+Both models get the same deterministic weights (tests.synthetic_weights; the decisive
 calibrated ones of tests/fixtures/parity_torchvision.npz when present, so the detection stage does
 realistic work) and the same photograph resized to 800 x 1333 style by each framework's own
 transform. Prints seconds per image (end to end: preprocess + model + mask paste) for both and the
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def tv_state_dict():
-  from maskrcnn_jax.checkpoints import synthetic
+  from tests import synthetic_weights as synthetic
   keys = synthetic.read_key_tsv(
       ROOT / "tests/fixtures/checkpoint_keys/torchvision_maskrcnn_resnet50_fpn_v1.tsv")
   fixture = ROOT / "tests/fixtures/parity_torchvision.npz"
@@ -59,12 +59,13 @@ def main():
   args = parser.parse_args()
 
   import jax
-  from maskrcnn_jax import config_lib, convert, inference
+  from maskrcnn_jax import config_lib, inference
+  from maskrcnn_jax.checkpoints import conversion
 
   rgb = load_image(args.image)
   state, weights_kind = tv_state_dict()
   config = config_lib.load_config_file(str(ROOT / "configs/torchvision/maskrcnn_resnet50_fpn.py"))
-  variables, _ = convert.convert_state_dict(config, state)
+  variables, _ = conversion.convert_state_dict(config, state)
   predictor = inference.Predictor(config, jax.device_put(variables))
   ours_med, ours_min = time_it(lambda: predictor(rgb), args.repeats)
   batch = inference.preprocess_image(rgb, config)

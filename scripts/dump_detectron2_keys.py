@@ -19,7 +19,7 @@ The model is built the way the zoo's models are: ``get_cfg()`` + ``merge_from_fi
 no weights, ``build_model``. A zoo ``model_final.pkl`` stores ``model.state_dict()`` of exactly this
 model under ``'model'`` (as numpy arrays), so the dump is the released checkpoint's key list.
 
-Output format (what ``maskrcnn_jax.checkpoints.synthetic.read_key_tsv`` reads): one line per
+Output format (what ``tests.synthetic_weights.read_key_tsv`` reads): one line per
 state-dict entry, in state-dict order, ``name<TAB>shape<TAB>dtype`` with the shape written as a
 Python tuple (``(256, 256, 1, 1)``, ``(256,)``) and the dtype without the ``torch.`` prefix.
 """

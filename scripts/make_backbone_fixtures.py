@@ -99,7 +99,7 @@ def tvfix():
 
 
 def synthetic():
-  """maskrcnn_jax/checkpoints/synthetic.py as a file (no package import, no jax)."""
+  """tests/synthetic_weights.py as a file (no package import, no jax)."""
   return tvfix().load_synthetic()
 
 

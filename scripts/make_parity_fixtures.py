@@ -27,7 +27,7 @@ What it does
      path of the builder does (FrozenBatchNorm2d backbone, ``overwrite_eps(model, 0.0)``,
      91 classes, default transform min 800 / max 1333), in eval mode. The other two call the
      public builders with ``weights=None, weights_backbone=None``, in eval mode.
-  2. Weights: every >=2-D tensor is ``maskrcnn_jax.checkpoints.synthetic.seeded_state_dict``'s
+  2. Weights: every >=2-D tensor is ``tests.synthetic_weights.seeded_state_dict``'s
      seeded normal tensor z * std, std = He sqrt(2/fan_in) or, for the 9 tensors in the
      fixture's ``scales`` (FPN output convs, head output layers), std = scales[name];
      every 1-D tensor (FrozenBN weight/bias/running stats, conv/linear
@@ -56,7 +56,7 @@ What it does
      recorded detections exactly in a fresh model.
 
 Imports only numpy / torch / torchvision / skimage / pycocotools (optional, for the
-COCO RLE strings) plus the file maskrcnn_jax/checkpoints/synthetic.py (loaded
+COCO RLE strings) plus the file tests/synthetic_weights.py (loaded
 directly, so jax is not needed).
 """
 from __future__ import annotations
@@ -166,8 +166,8 @@ BN_EPS = 1e-5
 # ----------------------------------------------------------------------------- helpers
 @functools.lru_cache(maxsize=None)
 def load_synthetic():
-    """maskrcnn_jax/checkpoints/synthetic.py, loaded as a file (no package import, no jax)."""
-    path = REPO / "maskrcnn_jax" / "checkpoints" / "synthetic.py"
+    """tests/synthetic_weights.py, loaded as a file (no package import, no jax)."""
+    path = REPO / "tests" / "synthetic_weights.py"
     spec = importlib.util.spec_from_file_location("_maskrcnn_jax_synthetic", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

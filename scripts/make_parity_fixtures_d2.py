@@ -60,7 +60,7 @@ The images are not stored: they are regenerated from scikit-image (all three fil
 the package) and checked against the stored sha256.
 
 Imports only numpy / torch / detectron2 / skimage / pycocotools, plus the torchvision fixture
-script and maskrcnn_jax/checkpoints/synthetic.py loaded as files (no jax needed).
+script and tests/synthetic_weights.py loaded as files (no jax needed).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ What it does (the torchvision generator, scripts/make_parity_fixtures.py, is the
        x101          mask_rcnn/mask-rcnn_x101-32x4d_fpn_1x_coco.py
      Its state-dict keys and shapes must equal tests/fixtures/checkpoint_keys/mmdet_*.tsv
      (the mmdet v2 zoo names: mmdet v3 kept them).
-  2. Weights: every >=2-D tensor is `maskrcnn_jax.checkpoints.synthetic.seeded_state_dict`'s
+  2. Weights: every >=2-D tensor is `tests.synthetic_weights.seeded_state_dict`'s
      seeded tensor (He std, or the absolute std stored in `scale_names`/`scale_values` for the
      FPN output convs and the head output layers); every 1-D tensor (BN weight/bias/running
      stats, conv/linear biases) is calibrated here and stored verbatim (`w/<name>`); the BN
@@ -47,7 +47,7 @@ What it does (the torchvision generator, scripts/make_parity_fixtures.py, is the
      recorded end-to-end detections exactly.
 
 Imports only numpy / torch / mmcv / mmengine / mmdet / cv2 / skimage / pycocotools plus the file
-maskrcnn_jax/checkpoints/synthetic.py (loaded directly, so jax is not needed).
+tests/synthetic_weights.py (loaded directly, so jax is not needed).
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ HIDDEN_BIAS_REL = 0.1
 # ----------------------------------------------------------------------------- helpers
 @functools.lru_cache(maxsize=None)
 def load_synthetic():
-  path = REPO / "maskrcnn_jax" / "checkpoints" / "synthetic.py"
+  path = REPO / "tests" / "synthetic_weights.py"
   spec = importlib.util.spec_from_file_location("_maskrcnn_jax_synthetic", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)

@@ -14,7 +14,7 @@ NOT run by CI (CI has no torch). Runs in the reference venvs of the inference fi
 What it does (tests/fixtures/README.md, "train_parity_*.npz", describes the keys):
   1. Builds the framework's R50-FPN model as its inference fixture's generator does and loads the
      same calibrated weights, regenerated from that fixture (tests/fixtures/parity_*.npz: seed,
-     scales, 1-D tensors) with maskrcnn_jax/checkpoints/synthetic.py; no weights are stored.
+     scales, 1-D tensors) with tests/synthetic_weights.py; no weights are stored.
   2. Feeds the model, in training mode, a batch built by hand from
      tests/fixtures/train_parity_coco.json (hand-drawn polygons on the parity photographs in
      tests/fixtures/images): the image at its own size (each framework's resize is then the

@@ -26,8 +26,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from maskrcnn_jax import config_lib, convert, inference
-from maskrcnn_jax.checkpoints import provenance, synthetic
+from maskrcnn_jax import config_lib, inference
+from maskrcnn_jax.checkpoints import conversion, provenance
+from tests import synthetic_weights as synthetic
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from maskrcnn_jax.ops import paste as paste_lib
 from maskrcnn_jax.ops import poolers
@@ -141,7 +142,7 @@ def converted(config, state, source: str):
   (the config with the checkpoint-decided constants filled in, as the converter records it in
   config.json, and the converted variables). The config is frozen again."""
   resolved, _ = provenance.decide(config, source=source)
-  variables, _ = convert.convert_state_dict(resolved, state, source=source)
+  variables, _ = conversion.convert_state_dict(resolved, state, source=source)
   return ml_collections.FrozenConfigDict(resolved), variables
 
 

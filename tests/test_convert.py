@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskrcnn_jax import config_lib, convert
-from maskrcnn_jax.checkpoints import name_maps, orbax_io, synthetic, torch_reader
+from maskrcnn_jax import config_lib
+from maskrcnn_jax.checkpoints import conversion, name_maps, orbax_io, torch_reader
+from tests import synthetic_weights as synthetic
 from maskrcnn_jax.modeling.build import build_model, variable_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,18 +57,28 @@ def load(recipe: str):
 @pytest.mark.parametrize("tsv,recipe", CASES, ids=[c[0] for c in CASES])
 def test_key_list_converts_onto_model(tsv, recipe):
   config = load(recipe)
-  variables, summary = convert.convert_state_dict(config, zero_state(tsv), source=tsv)
+  variables, summary = conversion.convert_state_dict(config, zero_state(tsv), source=tsv)
   expected = variable_shapes(build_model(config))
   flat = name_maps.flatten_variables(variables)
   assert {k: tuple(v.shape) for k, v in flat.items()} == expected
   assert "missing" in summary
+  # The summary counts what the file really held besides the variables: its BatchNorm step
+  # counters (num_batches_tracked) are dropped on purpose and named; nothing is unmatched.
+  state = zero_state(tsv)
+  counters = sum(k.endswith("num_batches_tracked") for k in state)
+  last = summary.splitlines()[-1]
+  assert last.startswith("checkpoint: 0 unmatched key(s), ")
+  if counters:
+    assert f"{counters} dropped on purpose ({counters} x num_batches_tracked)" in last
+  else:
+    assert last.endswith(", 0 dropped on purpose")
 
 
 def test_wrong_recipe_is_refused_with_names():
   # An R-50 mmdet file converted with the X-101 recipe: widths disagree, named per variable.
   config = load("mmdet/mask_rcnn_x101_32x4d_fpn_1x_coco")
   with pytest.raises(name_maps.CheckpointMismatchError) as err:
-    convert.convert_state_dict(config, zero_state("mmdet_mask_rcnn_r50_fpn_1x_coco"), "r50.pth")
+    conversion.convert_state_dict(config, zero_state("mmdet_mask_rcnn_r50_fpn_1x_coco"), "r50.pth")
   msg = str(err.value)
   assert "checkpoint" in msg and "model" in msg
   assert "res2_0" in msg  # names a parameter whose shape disagrees
@@ -81,7 +92,7 @@ def test_wrong_recipe_is_refused_with_names():
 def test_other_detectron2_architecture_is_named(tsv, recipe, arch):
   """A C4 / DC5 / FPN file under another architecture's recipe: refused, the file's arch named."""
   with pytest.raises(name_maps.CheckpointMismatchError) as err:
-    convert.convert_state_dict(load(recipe), zero_state(tsv), "model_final.pkl")
+    conversion.convert_state_dict(load(recipe), zero_state(tsv), "model_final.pkl")
   assert f"looks like a detectron2 {arch} model" in str(err.value)
   assert name_maps.infer_spec(zero_state(tsv), framework="detectron2").arch == arch
 
@@ -90,7 +101,7 @@ def test_faster_rcnn_file_is_refused():
   state = {k: v for k, v in zero_state("mmdet_mask_rcnn_r50_fpn_1x_coco").items()
            if "mask_head" not in k}
   with pytest.raises(name_maps.CheckpointMismatchError, match="mask"):
-    convert.convert_state_dict(load("mmdet/mask_rcnn_r50_fpn_1x_coco"), state, "faster.pth")
+    conversion.convert_state_dict(load("mmdet/mask_rcnn_r50_fpn_1x_coco"), state, "faster.pth")
 
 
 def test_truncated_and_malicious_files_are_refused(tmp_path):
@@ -100,7 +111,7 @@ def test_truncated_and_malicious_files_are_refused(tmp_path):
   truncated.write_bytes(data[: len(data) * 2 // 3])
   config = load("mmdet/mask_rcnn_r50_fpn_1x_coco")
   with pytest.raises(torch_reader.CheckpointFormatError, match="truncated"):
-    convert.convert(config, str(truncated))
+    conversion.convert_file(config, str(truncated))
 
   class Evil:
     def __reduce__(self):
@@ -109,7 +120,7 @@ def test_truncated_and_malicious_files_are_refused(tmp_path):
   evil = tmp_path / "evil.pkl"
   evil.write_bytes(pickle.dumps({"model": {"x": Evil()}, "__author__": "x"}, protocol=2))
   with pytest.raises(torch_reader.UnsafeCheckpointError, match="os.system|posix.system"):
-    convert.convert(config, str(evil))
+    conversion.convert_file(config, str(evil))
   assert not (tmp_path / "pwned").exists()
 
 
@@ -121,7 +132,7 @@ def test_d2_pickle_round_trip_to_orbax(tmp_path):
   src = tmp_path / "model_final.pkl"
   with open(src, "wb") as f:
     pickle.dump({"model": state, "__author__": "test", "matching_heuristics": True}, f)
-  variables, _, _ = convert.convert(config, str(src), str(tmp_path / "out"))
+  variables, _, _ = conversion.convert_file(config, str(src), str(tmp_path / "out"))
   restored = orbax_io.load_variables(str(tmp_path / "out"))
   a, b = name_maps.flatten_variables(variables), name_maps.flatten_variables(restored)
   assert a.keys() == b.keys()

@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskrcnn_jax.checkpoints import backbones, name_maps, synthetic, torch_reader
+from maskrcnn_jax.checkpoints import backbones, name_maps, torch_reader
+
+from tests import synthetic_weights as synthetic
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.modeling.build import build_model, variable_shapes
 from maskrcnn_jax.training import checkpointing

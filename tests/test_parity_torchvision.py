@@ -32,7 +32,8 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax import inference
-from maskrcnn_jax.checkpoints import provenance, synthetic
+from maskrcnn_jax.checkpoints import provenance
+from tests import synthetic_weights as synthetic
 from maskrcnn_jax.modeling.mask_rcnn import LEVELS
 from tests import parity_common as pc
 

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from maskrcnn_jax import config_lib, convert, predict
-from maskrcnn_jax.checkpoints import orbax_io, synthetic
+from maskrcnn_jax import config_lib, predict
+from maskrcnn_jax.checkpoints import conversion
+from maskrcnn_jax.checkpoints import orbax_io
+from tests import synthetic_weights as synthetic
 from maskrcnn_jax.data import transforms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +28,7 @@ def checkpoint(tmp_path_factory):
   config = config_lib.load_config_file(str(ROOT / "configs/torchvision/maskrcnn_resnet50_fpn.py"))
   config.data.test_short = 320  # small and fast; the parity test covers the full size
   config.data.test_max_size = 533
-  variables, _ = convert.convert_state_dict(config, state)
+  variables, _ = conversion.convert_state_dict(config, state)
   out = tmp_path_factory.mktemp("ckpt")
   orbax_io.save_variables(str(out), variables, config)
   image = tmp_path_factory.mktemp("images") / "astronaut.png"

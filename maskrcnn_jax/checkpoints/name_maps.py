@@ -9,17 +9,18 @@ Each framework keeps its native class layout (parity_spec 5 item 4): mmdet / d2 
 
 Public API:
   ModelSpec(depth, has_maskiou, torchvision_v2, groups, width_per_group, num_classes, arch)
-  to_variables(state, *, framework, spec, strict=True, dtype=np.float32, source=None) -> variables
   map_state_dict(state, *, framework, spec, dtype=np.float32) -> MappingResult
-  expected_shapes(spec, framework) -> {path tuple: shape}
-  check_against(variables, expected, *, unmatched_keys=(), ...)   raises CheckpointMismatchError
-  describe_match(variables, expected=None, *, unmatched_keys=(), dropped_keys=()) -> str
+  check_not_mmdet_v1(state, source)   raises LegacyMmdetCheckpointError
   infer_spec(state, *, framework) -> ModelSpec
   cell_anchors(state) -> list of (3, 4) arrays or None
   flatten_variables(tree) -> {path tuple: array};  unflatten_variables(flat) -> tree
   ImageNet backbone files (Caffe2 / detectron2 / torchvision-mmdetection names):
-  map_backbone(state, *, depth, arch='FPN') -> BackboneMapping;  check_backbone(mapping, expected,
-  depth=...) raises CheckpointMismatchError;  backbone_naming(state);  c2_to_detectron2_name(key)
+  map_backbone(state, *, depth, arch='FPN') -> BackboneMapping;  backbone_naming(state);
+  c2_to_detectron2_name(key)
+
+Only names live here. Whether the mapped variables fit the model, and why not, is
+`checkpoints/diagnose.py`; the strict conversion that puts the two together is
+`checkpoints/conversion.py`.
 """
 
 from __future__ import annotations
@@ -39,11 +40,9 @@ __all__ = [
     'ModelSpec',
     'MappingResult',
     'FRAMEWORKS',
-    'to_variables',
     'map_state_dict',
-    'expected_shapes',
-    'check_against',
-    'describe_match',
+    'check_not_mmdet_v1',
+    'canonical_framework',
     'infer_spec',
     'cell_anchors',
     'flatten_variables',
@@ -57,7 +56,6 @@ __all__ = [
     'c2_to_detectron2_name',
     'detectron2_to_c2_name',
     'map_backbone',
-    'check_backbone',
 ]
 
 FRAMEWORKS = ('mmdet', 'detectron2', 'torchvision')
@@ -97,9 +95,9 @@ class ModelSpec:
       res5's 2048-d mean, mask head deconv + predictor) and 'DC5' (dilated res5, RPN / 2-FC box
       head / 4-conv mask head on its 2048 channels); modeling/mask_rcnn.py.
 
-  `groups`, `width_per_group` and `num_classes` may be None: `to_variables` then takes them from
-  the checkpoint (`resolved`), leaving their check to `check_against` with the model's own shapes;
-  `expected_shapes` reads None as ResNet (1, 64) and COCO.
+  `groups`, `width_per_group` and `num_classes` may be None: `conversion.to_variables` then takes
+  them from the checkpoint (`resolved`), leaving their check to `diagnose.check_against` with the
+  model's own shapes.
   """
 
   depth: int = 50
@@ -123,7 +121,7 @@ class ModelSpec:
     """This spec with None groups / width_per_group / num_classes taken from `state`."""
     if None not in (self.groups, self.width_per_group, self.num_classes):
       return self
-    found = _infer_widths_and_classes(state, _canonical(framework))
+    found = _infer_widths_and_classes(state, canonical_framework(framework))
     return dataclasses.replace(
         self, groups=self.groups if self.groups is not None else found['groups'],
         width_per_group=(self.width_per_group if self.width_per_group is not None
@@ -156,7 +154,7 @@ class ModelSpec:
 
   def class_counts(self, framework: str) -> tuple[int, int, int]:
     """(K_cls, K_reg, K_mask) of docs/internals.md for `framework` (native layout)."""
-    framework = _canonical(framework)
+    framework = canonical_framework(framework)
     if framework == 'torchvision':
       n = 90 if self.num_classes is None else self.num_classes
       return n + 1, n + 1, n + 1
@@ -171,7 +169,7 @@ class ModelSpec:
     return name + f'-{self.arch}' + (f' ({", ".join(extras)})' if extras else '')
 
 
-def _canonical(framework: str) -> str:
+def canonical_framework(framework: str) -> str:
   try:
     return _FRAMEWORK_ALIASES[framework]
   except KeyError:
@@ -399,108 +397,6 @@ def _module_table(framework: str, spec: ModelSpec) -> tuple[dict[str, _Entry], d
 
 
 # ---------------------------------------------------------------------------------------------
-# Expected target shapes (docs/internals.md table).
-
-
-def expected_shapes(spec: ModelSpec, framework: str) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Every variable path -> shape of docs/internals.md for `spec` in `framework`'s class layout.
-
-  Paths start with the collection: ('params', 'backbone', 'res2_0', 'conv1', 'kernel').
-  """
-  framework = _canonical(framework)
-  v2 = framework == 'torchvision' and spec.torchvision_v2
-  out: dict[tuple[str, ...], tuple[int, ...]] = {}
-  groups = 1 if spec.groups is None else spec.groups
-
-  def norm(path, c):
-    out[('params',) + path + ('scale',)] = (c,)
-    out[('params',) + path + ('bias',)] = (c,)
-    out[('batch_stats',) + path + ('mean',)] = (c,)
-    out[('batch_stats',) + path + ('var',)] = (c,)
-
-  def conv(path, kh, kw, cin, cout, bias=True):
-    out[('params',) + path + ('kernel',)] = (kh, kw, cin, cout)
-    if bias:
-      out[('params',) + path + ('bias',)] = (cout,)
-
-  def dense(path, cin, cout):
-    out[('params',) + path + ('kernel',)] = (cin, cout)
-    out[('params',) + path + ('bias',)] = (cout,)
-
-  conv(('backbone', 'stem_conv'), 7, 7, 3, 64, bias=False)
-  norm(('backbone', 'stem_norm'), 64)
-
-  def bottleneck(block, cin, w, cout, first):
-    conv(block + ('conv1',), 1, 1, cin, w, bias=False)
-    norm(block + ('norm1',), w)
-    conv(block + ('conv2',), 3, 3, w // groups, w, bias=False)
-    norm(block + ('norm2',), w)
-    conv(block + ('conv3',), 1, 1, w, cout, bias=False)
-    norm(block + ('norm3',), cout)
-    if first:
-      conv(block + ('shortcut',), 1, 1, cin, cout, bias=False)
-      norm(block + ('shortcut_norm',), cout)
-
-  cin = 64
-  for i, n_blocks in enumerate(spec.blocks):
-    w, cout = spec.stage_widths[i], spec.stage_out_channels[i]
-    owner = 'roi_res5' if (i == 3 and spec.arch == 'C4') else 'backbone'
-    for b in range(n_blocks):
-      bottleneck((owner, f'res{i + 2}_{b}'), cin, w, cout, b == 0)
-      cin = cout
-  if spec.arch == 'FPN':
-    for level, c in zip(range(2, 6), spec.stage_out_channels):
-      conv(('fpn', f'lateral{level}'), 1, 1, c, 256, bias=not v2)
-      conv(('fpn', f'output{level}'), 3, 3, 256, 256, bias=not v2)
-      if v2:
-        norm(('fpn', f'lateral{level}_norm'), 256)
-        norm(('fpn', f'output{level}_norm'), 256)
-  # RPN input: the FPN levels (256), res4 (C4: 1024) or the dilated res5 (DC5: 2048); C4 / DC5
-  # put all 5 sizes x 3 ratios at one level.
-  feat_c = {'FPN': 256, 'C4': spec.stage_out_channels[2], 'DC5': spec.stage_out_channels[3]}[
-      spec.arch]
-  num_anchors = 3 if spec.arch == 'FPN' else 15
-  conv(('rpn_head', 'conv0'), 3, 3, feat_c, feat_c)
-  if v2:
-    conv(('rpn_head', 'conv1'), 3, 3, 256, 256)
-  conv(('rpn_head', 'objectness'), 1, 1, feat_c, num_anchors)
-  conv(('rpn_head', 'deltas'), 1, 1, feat_c, 4 * num_anchors)
-  roi_in = feat_c * _ROI_RES * _ROI_RES
-  if v2:
-    for i in range(4):
-      conv(('box_head', f'conv{i}'), 3, 3, 256, 256, bias=False)
-      norm(('box_head', f'conv{i}_norm'), 256)
-    dense(('box_head', 'fc1'), roi_in, 1024)
-  elif spec.arch != 'C4':
-    dense(('box_head', 'fc1'), roi_in, 1024)
-    dense(('box_head', 'fc2'), 1024, 1024)
-  k_cls, k_reg, k_mask = spec.class_counts(framework)
-  box_c = spec.stage_out_channels[3] if spec.arch == 'C4' else 1024
-  dense(('box_predictor', 'cls_score'), box_c, k_cls)
-  dense(('box_predictor', 'bbox_pred'), box_c, 4 * k_reg)
-  mask_in = feat_c
-  if spec.arch == 'C4':
-    mask_in = spec.stage_out_channels[3]  # the deconv reads res5's output directly
-  else:
-    for i in range(1, 5):
-      conv(('mask_head', f'conv{i}'), 3, 3, mask_in, 256, bias=not v2)
-      if v2:
-        norm(('mask_head', f'conv{i}_norm'), 256)
-      mask_in = 256
-  out[('params', 'mask_head', 'deconv', 'kernel')] = (2, 2, mask_in, 256)
-  out[('params', 'mask_head', 'deconv', 'bias')] = (256,)
-  conv(('mask_head', 'predictor'), 1, 1, 256, k_mask)
-  if spec.has_maskiou:
-    conv(('maskiou_head', 'conv1'), 3, 3, 257, 256)
-    for i in range(2, 5):
-      conv(('maskiou_head', f'conv{i}'), 3, 3, 256, 256)
-    dense(('maskiou_head', 'fc1'), roi_in, 1024)
-    dense(('maskiou_head', 'fc2'), 1024, 1024)
-    dense(('maskiou_head', 'fc_mask_iou'), 1024, k_mask)
-  return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Tree helpers.
 
 
@@ -607,7 +503,7 @@ def map_state_dict(state: Mapping[str, np.ndarray], *, framework: str, spec: Mod
     spec: the model the tree is for; keys outside it are reported as unmatched.
     dtype: floating tensors are cast to this (None keeps the checkpoint dtype).
   """
-  framework = _canonical(framework)
+  framework = canonical_framework(framework)
   table, aliases = _module_table(framework, spec)
   flat: dict[tuple[str, ...], np.ndarray] = {}
   sources: dict[tuple[str, ...], str] = {}
@@ -656,7 +552,7 @@ def _store(flat: dict, sources: dict, problems: list, key: str, value, target: t
   sources[target] = key
 
 
-def _check_not_mmdet_v1(state: Mapping[str, np.ndarray], source: str | None):
+def check_not_mmdet_v1(state: Mapping[str, np.ndarray], source: str | None):
   """Reject mmdetection 1.x files: background at index 0, so fc_reg has 4 * 81 rows and
   conv_logits 81 channels (parity_spec 1.2 "Class order guard", 2.10)."""
   def rows(*names):
@@ -682,45 +578,8 @@ def _check_not_mmdet_v1(state: Mapping[str, np.ndarray], source: str | None):
         'tools/model_converters/upgrade_model_version.py first (parity_spec 1.2).')
 
 
-def to_variables(state: Mapping[str, np.ndarray], *, framework: str, spec: ModelSpec,
-                 strict: bool = True, dtype=np.float32,
-                 source: str | None = None) -> dict[str, Any]:
-  """Checkpoint state dict -> Flax variables of docs/internals.md.
-
-  Args:
-    state: name -> np.ndarray as returned by `torch_reader.load_checkpoint` (torch layouts, e.g.
-      conv (O, I/g, kh, kw), linear (O, I), ConvTranspose2d (I, O, 2, 2), norms (C,)).
-    framework: 'mmdet' | 'detectron2' | 'torchvision' (torchvision: current and 2019 names).
-    spec: the model to fill.
-    strict: raise `CheckpointMismatchError` unless every non-dropped key is consumed and the tree
-      has exactly the paths and shapes of `expected_shapes(spec, framework)`.
-    dtype: floating tensors are cast to this (float32 default; None keeps them).
-    source: a file name for messages.
-
-  Returns:
-    {'params': {...}, 'batch_stats': {...}} nested dict of numpy arrays: conv kernels HWIO, dense
-    kernels (in, out) with RoI-fc rows in NHWC-flatten order, deconv (2, 2, in, out), norms
-    params {scale, bias} + batch_stats {mean, var}.
-
-  Raises:
-    LegacyMmdetCheckpointError: an mmdet 1.x file (always checked for framework 'mmdet').
-    CheckpointMismatchError: (strict) anything unmatched / missing / of the wrong shape.
-  """
-  framework = _canonical(framework)
-  if framework == 'mmdet':
-    _check_not_mmdet_v1(state, source)
-  spec = spec.resolved(state, framework)
-  result = map_state_dict(state, framework=framework, spec=spec, dtype=dtype)
-  if strict:
-    check_against(result.variables, expected_shapes(spec, framework),
-                  unmatched_keys=result.unmatched, sources=result.sources,
-                  problems=result.problems, framework=framework, spec=spec, source=source,
-                  all_keys=list(state.keys()))
-  return result.variables
-
-
 # ---------------------------------------------------------------------------------------------
-# Strict comparison and diagnosis.
+# Spec inference.
 
 
 _BLOCK_KEY_RES = {
@@ -736,233 +595,6 @@ def _stage_index(framework: str, m: re.Match) -> int:
   return int(m.group(1)) - (2 if framework == 'detectron2' else 1)
 
 
-def _shape_hints(shape_errors: list[tuple[tuple[str, ...], tuple, tuple]]) -> list[str]:
-  """Hints that need only the shape disagreements (work with any `expected`)."""
-  hints = []
-  # ResNet vs ResNeXt widths.
-  for path, got, want in shape_errors:
-    if len(path) == 5 and path[1] == 'backbone' and path[2] == 'res2_0' and path[3] == 'conv2':
-      w, w_per_group_in = got[3], got[2]
-      g = w // max(1, w_per_group_in)
-      kind = 'ResNet' if g == 1 and w == 64 else f'ResNeXt {g}x{w // max(g, 1)}d'
-      hints.append(f'{_fmt_path(path)} is {_fmt_shape(got)} in the checkpoint, '
-                   f'{_fmt_shape(want)} in the model: the checkpoint backbone is a {kind} '
-                   f'(groups={g}, width_per_group={w // max(g, 1)}) — does the model config '
-                   'match?')
-  # Class counts.
-  for path, got, want in shape_errors:
-    if path[1] == 'box_predictor' and path[2] == 'cls_score' and path[-1] == 'kernel':
-      hints.append(f'{_fmt_path(path)} has {got[1]} classes, the model {want[1]}: a checkpoint '
-                   'trained on another dataset or another framework\'s class layout '
-                   '(set ModelSpec(num_classes=...))')
-  return hints
-
-
-def _diagnose(*, framework: str | None, spec: ModelSpec | None, unmatched: list[str],
-              missing: list[tuple[str, ...]],
-              shape_errors: list[tuple[tuple[str, ...], tuple, tuple]],
-              all_keys: list[str] | None) -> list[str]:
-  """Plain-language guesses at *why* a state dict does not fit (another architecture, framework)."""
-  hints: list[str] = []
-  keys = all_keys if all_keys is not None else unmatched
-  # Another framework altogether.
-  if framework is not None and unmatched:
-    guess = guess_framework({k: None for k in unmatched})
-    if guess not in ('unknown', framework) and len(unmatched) * 2 >= max(1, len(keys)):
-      hints.append(f'the keys look like a {guess} state dict, not {framework} '
-                   f"(e.g. {unmatched[0]}): pass framework='{guess}'")
-      return hints
-  hints += _shape_hints(shape_errors)
-  if framework is None or spec is None:
-    return hints
-  depth_name = f'ResNet-{spec.depth}'
-  # More / fewer backbone blocks than the spec's depth.
-  block_re = _BLOCK_KEY_RES[framework]
-  extra = []
-  for k in unmatched:
-    m = block_re.match(k)
-    if m:
-      stage = _stage_index(framework, m)
-      if 0 <= stage < 4 and int(m.group(2)) >= spec.blocks[stage]:
-        extra.append((k, stage, int(m.group(2))))
-  if extra:
-    counts = {}
-    for _, stage, b in extra:
-      counts[stage] = max(counts.get(stage, 0), b + 1)
-    depth_guess = _DEPTH_FROM_STAGE4_BLOCKS.get(counts.get(2, spec.blocks[2]))
-    guess = f' — is it a ResNet-{depth_guess} checkpoint?' if depth_guess else ''
-    hints.append(f'unexpected key {extra[0][0]}: the checkpoint has more blocks than {depth_name}'
-                 f'{guess} (set ModelSpec(depth=...) to match)')
-  missing_blocks = {}
-  for path in missing:
-    if len(path) > 2 and path[1] == 'backbone' and path[2].startswith('res'):
-      s, b = path[2][3:].split('_')
-      stage = int(s) - 2
-      missing_blocks[stage] = min(missing_blocks.get(stage, 10**6), int(b))
-  if missing_blocks and not extra:
-    present_res4 = missing_blocks.get(2)
-    depth_guess = _DEPTH_FROM_STAGE4_BLOCKS.get(present_res4) if present_res4 is not None else None
-    first = min((p for p in missing
-                 if len(p) > 2 and p[1] == 'backbone' and p[2].startswith('res')),
-                key=lambda p: (int(p[2][3]), int(p[2].split('_')[1])))
-    if depth_guess is not None and depth_guess < spec.depth:
-      hints.append(f'missing {_fmt_path(first)}: the checkpoint has fewer blocks than {depth_name}'
-                   f' — is it a ResNet-{depth_guess} checkpoint?')
-  # Heads the checkpoint lacks or has in addition.
-  expected_for_spec = expected_shapes(spec, framework)
-
-  def head_missing(module: str) -> bool:
-    n_missing = sum(1 for p in missing if p[1] == module)
-    return n_missing > 0 and n_missing == sum(1 for p in expected_for_spec if p[1] == module)
-
-  if head_missing('mask_head'):
-    hints.append('the checkpoint has no mask-head keys — is it a Faster R-CNN (box-only) '
-                 'checkpoint? Mask R-CNN needs the mask branch')
-  iou_keys = [k for k in unmatched if 'mask_iou_head.' in k]
-  if iou_keys and not spec.has_maskiou:
-    hints.append(f'unexpected key {iou_keys[0]}: the checkpoint has a MaskIoU head — is it a '
-                 'Mask Scoring R-CNN checkpoint? (set ModelSpec(has_maskiou=True))')
-  if spec.has_maskiou and head_missing('maskiou_head'):
-    hints.append('the checkpoint has no MaskIoU-head keys — is it a plain Mask R-CNN checkpoint? '
-                 '(set ModelSpec(has_maskiou=False))')
-  if framework == 'detectron2':
-    arch_guess = _infer_arch({k: None for k in keys}, framework)
-    if arch_guess != spec.arch and unmatched:
-      hints.append(f'unexpected key {unmatched[0]}: the checkpoint looks like a detectron2 '
-                   f'{arch_guess} model, the config is {spec.arch} (set model.arch / use the '
-                   f'mask_rcnn_*_{arch_guess}_* config)')
-  if framework == 'torchvision':
-    v2_markers = [k for k in unmatched if re.match(
-        r'^(roi_heads\.box_head\.\d\.|rpn\.head\.conv\.1\.|'
-        r'backbone\.fpn\.(inner|layer)_blocks\.\d\.1\.|roi_heads\.mask_head\.\d\.1\.)', k)]
-    v1_markers = [k for k in unmatched
-                  if k.startswith(('roi_heads.box_head.fc6', 'roi_heads.box_head.fc7'))]
-    if v2_markers and not spec.torchvision_v2:
-      hints.append(f'unexpected key {v2_markers[0]}: is it a torchvision v2 '
-                   '(maskrcnn_resnet50_fpn_v2) checkpoint? (set ModelSpec(torchvision_v2=True))')
-    if v1_markers and spec.torchvision_v2:
-      hints.append(f'unexpected key {v1_markers[0]}: is it a torchvision v1 '
-                   '(maskrcnn_resnet50_fpn) checkpoint? (set ModelSpec(torchvision_v2=False))')
-  return hints
-
-
-def check_against(variables: Mapping[str, Any],
-                  expected: Mapping[tuple[str, ...], tuple[int, ...]], *,
-                  unmatched_keys: Iterable[str] = (),
-                  sources: Mapping[tuple[str, ...], str] | None = None,
-                  problems: Iterable[str] = (), framework: str | None = None,
-                  spec: ModelSpec | None = None, source: str | None = None,
-                  all_keys: list[str] | None = None) -> None:
-  """Raise `CheckpointMismatchError` unless `variables` has exactly the `expected` paths and shapes.
-
-  Args:
-    variables: nested {'params': ..., 'batch_stats': ...} of arrays (anything with `.shape`).
-    expected: path tuple (starting with the collection) -> shape, e.g. from `expected_shapes` or
-      from the model's `jax.eval_shape(model.init, ...)` flattened.
-    unmatched_keys: checkpoint keys that were not consumed; each is listed.
-    sources: variable path -> checkpoint key, to name the key next to a shape disagreement.
-    problems: further messages (layout errors, duplicates) to include.
-    framework, spec, all_keys: enable the "is it a ResNet-101 checkpoint?"-style diagnosis.
-    source: a file name for the message.
-
-  The message lists every unmatched checkpoint key, every missing model path and every shape
-  disagreement as "<path>: checkpoint (a,b) vs model (c,d)".
-  """
-  flat = flatten_variables(variables)
-  unmatched = list(unmatched_keys)
-  problems = list(problems)
-  sources = sources or {}
-  missing = [p for p in expected if p not in flat]
-  unexpected = [p for p in flat if p not in expected]
-  shape_errors = [(p, _shape_of(flat[p]), tuple(expected[p])) for p in flat
-                  if p in expected and _shape_of(flat[p]) != tuple(expected[p])]
-  if not (unmatched or missing or unexpected or shape_errors or problems):
-    return
-  framework = _canonical(framework) if framework else None
-  hints = _diagnose(framework=framework, spec=spec, unmatched=unmatched, missing=missing,
-                    shape_errors=shape_errors, all_keys=all_keys)
-  what = f'{framework} checkpoint' if framework else 'checkpoint'
-  head = f'{source}: ' if source else ''
-  lines = [f'{head}the {what} does not match the model'
-           + (f' ({spec.describe()})' if spec else '') + ':']
-  if hints:
-    lines.append('  diagnosis:')
-    lines += [f'    - {h}' for h in hints]
-  if problems:
-    lines.append(f'  {len(problems)} conversion problem(s):')
-    lines += [f'    {p}' for p in problems]
-  if unmatched:
-    lines.append(f'  {len(unmatched)} unmatched checkpoint key(s):')
-    lines += [f'    {k}' for k in unmatched]
-  if unexpected:
-    lines.append(f'  {len(unexpected)} variable(s) the model does not have:')
-    lines += [f'    {_fmt_path(p)}' + (f' (from {sources[p]})' if p in sources else '')
-              for p in unexpected]
-  if missing:
-    lines.append(f'  {len(missing)} model path(s) missing from the checkpoint:')
-    lines += [f'    {_fmt_path(p)} {_fmt_shape(expected[p])}' for p in missing]
-  if shape_errors:
-    lines.append(f'  {len(shape_errors)} shape disagreement(s):')
-    lines += [f'    {_fmt_path(p)}: checkpoint {_fmt_shape(got)} vs model {_fmt_shape(want)}'
-              + (f' [{sources[p]}]' if p in sources else '') for p, got, want in shape_errors]
-  raise CheckpointMismatchError('\n'.join(lines))
-
-
-_MODULE_ORDER = ('backbone', 'fpn', 'rpn_head', 'box_head', 'box_predictor', 'mask_head',
-                 'maskiou_head')
-
-
-def describe_match(variables: Mapping[str, Any],
-                   expected: Mapping[tuple[str, ...], tuple[int, ...]] | None = None, *,
-                   unmatched_keys: Iterable[str] = (), dropped_keys: Iterable[str] = ()) -> str:
-  """A one-line-per-module summary, e.g.
-
-    backbone: 265/265 variables matched, 0 missing, 0 shape mismatches
-    ...
-    checkpoint: 0 unmatched keys, 53 dropped (num_batches_tracked, cell_anchors)
-
-  Without `expected`, every variable counts as matched (a tally of what the tree holds).
-  """
-  flat = flatten_variables(variables)
-  if expected is None:
-    expected = {p: _shape_of(v) for p, v in flat.items()}
-  modules: dict[str, dict[str, int]] = {}
-
-  def counters(module: str) -> dict[str, int]:
-    return modules.setdefault(
-        module, {'expected': 0, 'matched': 0, 'missing': 0, 'shape': 0, 'extra': 0})
-
-  for p, shape in expected.items():
-    m = counters(p[1])
-    m['expected'] += 1
-    if p not in flat:
-      m['missing'] += 1
-    elif _shape_of(flat[p]) != tuple(shape):
-      m['shape'] += 1
-    else:
-      m['matched'] += 1
-  for p in flat:
-    if p not in expected:
-      counters(p[1])['extra'] += 1
-  lines = []
-  order = {name: i for i, name in enumerate(_MODULE_ORDER)}
-  for name, m in sorted(modules.items(), key=lambda kv: order.get(kv[0], len(order))):
-    line = (f"{name}: {m['matched']}/{m['expected']} variables matched, {m['missing']} missing, "
-            f"{m['shape']} shape mismatches")
-    if m['extra']:
-      line += f", {m['extra']} unexpected"
-    lines.append(line)
-  unmatched = list(unmatched_keys)
-  dropped = list(dropped_keys)
-  lines.append(f'checkpoint: {len(unmatched)} unmatched keys, {len(dropped)} dropped '
-               '(num_batches_tracked, cell_anchors)')
-  return '\n'.join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Spec inference.
-
-
 def infer_spec(state: Mapping[str, np.ndarray], *, framework: str) -> ModelSpec:
   """Guess the ModelSpec of a state dict from its keys and shapes.
 
@@ -971,7 +603,7 @@ def infer_spec(state: Mapping[str, np.ndarray], *, framework: str) -> ModelSpec:
   arch (detectron2) from `roi_heads.res5.` (C4) or `backbone.resN` without `bottom_up.` (DC5);
   torchvision_v2 from the 4conv1fc box head / second RPN conv; num_classes = cls_score rows - 1.
   """
-  framework = _canonical(framework)
+  framework = canonical_framework(framework)
   block_re = _BLOCK_KEY_RES[framework]
   counts = [0, 0, 0, 0]
   for k in state:
@@ -1138,7 +770,7 @@ class BackboneMapping:
 def map_backbone(state: Mapping[str, np.ndarray], *, depth: int, arch: str = 'FPN',
                  dtype=np.float32) -> BackboneMapping:
   """Rename and re-layout the tensors of an ImageNet backbone file; never raises for mismatches
-  (see `check_backbone`).
+  (see `diagnose.check_backbone`).
 
   Args:
     state: name -> array as read from the file (torch layouts; Caffe2 names for `.pkl` files).
@@ -1208,63 +840,9 @@ def map_backbone(state: Mapping[str, np.ndarray], *, depth: int, arch: str = 'FP
                          unmatched, problems)
 
 
-def _few(names: list[str], n: int = 4) -> str:
-  shown = ', '.join(names[:n])
-  return shown + (f', ... ({len(names)} in all)' if len(names) > n else '')
-
-
 def _file_depth(state_keys: Iterable[str], naming: str) -> int | None:
   """ResNet depth from the number of res4 blocks of an ImageNet backbone file."""
   pattern = {'c2': r'res4_(\d+)_', 'detectron2': r'res4\.(\d+)\.',
              'torchvision': r'layer3\.(\d+)\.'}[naming]
   blocks = [int(m.group(1)) + 1 for m in map(lambda k: re.match(pattern, k), state_keys) if m]
   return _DEPTH_FROM_STAGE4_BLOCKS.get(max(blocks)) if blocks else None
-
-
-def check_backbone(mapping: BackboneMapping, expected: Mapping[tuple[str, ...], tuple[int, ...]],
-                   *, depth: int, state_keys: Iterable[str] = (), source: str = '') -> None:
-  """Raise `CheckpointMismatchError` (one line) unless `mapping` fills exactly the `expected`
-  backbone paths with their shapes and left no key unexplained.
-
-  Args:
-    mapping: from `map_backbone`.
-    expected: the model's backbone variables (path -> shape), e.g. those of
-      `modeling.build.variable_shapes` whose module is 'backbone' (and 'roi_res5' for C4).
-    depth: the model's depth, for the "is it a ResNet-101 file?" hint.
-    state_keys: the file's keys, for that hint.
-    source: the file name for the message.
-  """
-  flat = flatten_variables(mapping.variables)
-  missing = [p for p in expected if p not in flat]
-  extra = [p for p in flat if p not in expected]
-  shapes = [(p, _shape_of(flat[p]), tuple(expected[p])) for p in flat
-            if p in expected and _shape_of(flat[p]) != tuple(expected[p])]
-  if not (missing or extra or shapes or mapping.unmatched or mapping.problems):
-    return
-  parts = []
-  if mapping.unmatched:
-    file_depth = _file_depth(state_keys, mapping.naming)
-    hint = (f' (it has the blocks of a ResNet-{file_depth}; model.depth is {depth})'
-            if file_depth not in (None, depth) else '')
-    parts.append(f'{len(mapping.unmatched)} key(s) that a ResNet-{depth} backbone does not have: '
-                 f'{_few(mapping.unmatched)}{hint}')
-
-  def key_of(p):  # the file key a variable comes (or would come) from; statistics may be filled
-    return mapping.sources.get(p) or mapping.keys.get(p) or _fmt_path(p)
-
-  if missing:
-    parts.append(f'{len(missing)} backbone key(s) missing from the file: '
-                 + _few([key_of(p) for p in missing]))
-  if extra:
-    parts.append(f'{len(extra)} variable(s) the model does not have: '
-                 + _few([f'{key_of(p)} -> {_fmt_path(p)}' for p in extra]))
-  if shapes:
-    hints = _shape_hints(shapes)
-    shown = _few([f'{key_of(p)} gives {_fmt_path(p)} {_fmt_shape(got)} where the model has '
-                  f'{_fmt_shape(want)}' for p, got, want in shapes], 2)
-    parts.append(f'{len(shapes)} shape disagreement(s): {shown}'
-                 + (f' ({hints[0]})' if hints else ''))
-  parts += mapping.problems[:3]
-  head = f'{source}: ' if source else ''
-  raise CheckpointMismatchError(f'{head}the {mapping.naming}-named backbone file does not fit '
-                                'the model: ' + '; '.join(parts))

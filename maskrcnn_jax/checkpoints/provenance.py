@@ -110,6 +110,16 @@ def norm_eps(framework: str, *, torchvision_v2: bool = False, source: Optional[s
   raise errors.ConfigError(f"unknown framework {framework!r}")
 
 
+def is_torchvision_v2(config) -> bool:
+  """Whether the recipe is torchvision's `maskrcnn_resnet50_fpn_v2` (its FPN has a norm)."""
+  return str(config.convention) == "torchvision" and bool(config.model.get("fpn_norm", ""))
+
+
+def reads_file_meta(config) -> bool:
+  """Whether `norm_eps` needs the checkpoint file's own metadata (mmdet: its stored config)."""
+  return str(config.convention) == "mmdet"
+
+
 def decide(config, *, source: Optional[str] = None, meta: Optional[Mapping[str, Any]] = None,
            recorded=None):
   """A copy of `config` with the checkpoint-decided constants filled in, and a note on each.

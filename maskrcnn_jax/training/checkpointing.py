@@ -167,7 +167,7 @@ def init_settings(config: ml_collections.ConfigDict
         f"config.init={source!r}: neither a converted checkpoint directory "
         "nor a checkpoint file")
   meta = None
-  if config.convention == "mmdet":  # only mmdet's decision reads the file (its stored config)
+  if provenance.reads_file_meta(config):  # mmdet: the eps of the config stored in the file
     _, _, meta = torch_reader.load_checkpoint(source)
   return provenance.decide(config, source=source, meta=meta)
 
@@ -187,14 +187,13 @@ def _read_init(config: ml_collections.ConfigDict, source: str) -> Tuple[Dict[str
     raise errors.CheckpointNotFoundError(
         f"config.init={source!r}: neither a converted checkpoint directory "
         "nor a checkpoint file")
-  from maskrcnn_jax import convert
-  from maskrcnn_jax.checkpoints import name_maps, torch_reader
+  from maskrcnn_jax.checkpoints import conversion, name_maps, torch_reader
   _, state, _ = torch_reader.load_checkpoint(source)
   spec = name_maps.infer_spec(state, framework=config.convention)
   src_config = ml_collections.ConfigDict(config.to_dict())
   src_config.model.num_classes = int(spec.num_classes)
   src_config.model.mask_scoring = bool(spec.has_maskiou)
-  variables, summary = convert.convert_state_dict(src_config, state, source=source)
+  variables, summary = conversion.convert_state_dict(src_config, state, source=source)
   logger.info("converted %s:\n%s", source, summary)
   return variables, int(spec.num_classes)
 
@@ -289,7 +288,7 @@ def read_backbone_init(config: ml_collections.ConfigDict,
     backbones.BackboneInitError (one line): missing file, a pixel convention or network that is
       not the config's, a backbone key missing from the file, an unknown key, a shape mismatch.
   """
-  from maskrcnn_jax.checkpoints import backbones, name_maps
+  from maskrcnn_jax.checkpoints import backbones, diagnose, name_maps
   from maskrcnn_jax.checkpoints.torch_reader import CheckpointError
   if path is None:
     path, entry = resolve_backbone_init(config)
@@ -303,7 +302,7 @@ def read_backbone_init(config: ml_collections.ConfigDict,
     backbones.check_convention(convention, m, what=what)
     mapping = name_maps.map_backbone(state, depth=int(m.depth), arch=str(m.get("arch", "FPN")))
     expected = {p: tuple(s) for p, s in shapes.items() if p[1] in BACKBONE_MODULES}
-    name_maps.check_backbone(mapping, expected, depth=int(m.depth), state_keys=list(state),
+    diagnose.check_backbone(mapping, expected, depth=int(m.depth), state_keys=list(state),
                              source=name)
   except backbones.BackboneInitError:
     raise

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax import config_lib
-from maskrcnn_jax.checkpoints import backbones, name_maps, synthetic, torch_reader
+from maskrcnn_jax.checkpoints import backbones, diagnose, name_maps, torch_reader
+from tests import synthetic_weights as synthetic
 from maskrcnn_jax.modeling.build import build_model, variable_shapes
 from maskrcnn_jax.training import checkpointing
 
@@ -59,7 +60,7 @@ def backbone_shapes(config) -> dict:
 
 def convert(state, config, source="file"):
   mapping = name_maps.map_backbone(state, depth=int(config.model.depth), arch=config.model.arch)
-  name_maps.check_backbone(mapping, backbone_shapes(config), depth=int(config.model.depth),
+  diagnose.check_backbone(mapping, backbone_shapes(config), depth=int(config.model.depth),
                            state_keys=list(state), source=source)
   return mapping
 
@@ -279,7 +280,7 @@ def test_quickstart_resnet18_is_not_a_resnet50_file_target():
   state = state_of(backbones.CATALOG["detectron2://ImageNetPretrained/MSRA/R-50.pkl"])
   mapping = name_maps.map_backbone(state, depth=50)
   with pytest.raises(name_maps.CheckpointMismatchError, match="the model does not have"):
-    name_maps.check_backbone(mapping, shapes, depth=18)
+    diagnose.check_backbone(mapping, shapes, depth=18)
 
 
 # ---------------------------------------------------------------------------------------------

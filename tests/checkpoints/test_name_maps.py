@@ -1,13 +1,17 @@
-"""Name maps: every checkpoint key lands at the docs/internals.md path with the right layout.
+"""Name maps, diagnosis and the strict conversion: every checkpoint key lands at the model's path
+with the right layout, and a checkpoint of another model is explained.
 
-The expected trees are built here independently from the internals.md table and parity_spec 2.2-2.7
-widths; key lists are tests/fixtures/checkpoint_keys/*.tsv (copies of shared/reference).
+The expected trees are the Flax model's own (`modeling.build.variable_shapes` of the recipe's model
+with the spec's depth, widths, classes and heads): the one statement of what the model holds. Key
+lists are tests/fixtures/checkpoint_keys/*.tsv (the real zoo files' keys and shapes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -15,8 +19,11 @@ import sys
 import numpy as np
 import pytest
 
+from maskrcnn_jax import config_lib
+from maskrcnn_jax.checkpoints import conversion, diagnose
 from maskrcnn_jax.checkpoints import name_maps as nm
-from maskrcnn_jax.checkpoints import synthetic
+from maskrcnn_jax.modeling.build import build_model, variable_shapes
+from tests import synthetic_weights as synthetic
 
 KEYS_DIR = os.path.join(os.path.dirname(__file__), '..', 'fixtures', 'checkpoint_keys')
 
@@ -61,86 +68,33 @@ MODELS = {
 }
 
 
-def internals_tree(m: Model) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """The docs/internals.md variable table, written out for model `m`."""
-  params, stats = {}, {}
-  v2 = m.tv_v2
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BASE_RECIPES = {'mmdet': 'mmdet/mask_rcnn_r50_fpn_1x_coco',
+                'detectron2': 'detectron2/mask_rcnn_R_50_FPN_1x',
+                'torchvision': 'torchvision/maskrcnn_resnet50_fpn',
+                'torchvision_v2': 'torchvision/maskrcnn_resnet50_fpn_v2'}
 
-  def norm(mod, c):
-    params[mod + ('scale',)] = (c,)
-    params[mod + ('bias',)] = (c,)
-    stats[mod + ('mean',)] = (c,)
-    stats[mod + ('var',)] = (c,)
 
-  params[('backbone', 'stem_conv', 'kernel')] = (7, 7, 3, 64)
-  norm(('backbone', 'stem_norm'), 64)
-  cin = 64
-  for s, n_blocks, w, out in zip((2, 3, 4, 5), m.blocks, m.widths, (256, 512, 1024, 2048)):
-    for b in range(n_blocks):
-      r = ('backbone', f'res{s}_{b}')
-      params[r + ('conv1', 'kernel')] = (1, 1, cin, w)
-      norm(r + ('norm1',), w)
-      params[r + ('conv2', 'kernel')] = (3, 3, w // m.groups, w)
-      norm(r + ('norm2',), w)
-      params[r + ('conv3', 'kernel')] = (1, 1, w, out)
-      norm(r + ('norm3',), out)
-      if b == 0:
-        params[r + ('shortcut', 'kernel')] = (1, 1, cin, out)
-        norm(r + ('shortcut_norm',), out)
-      cin = out
-  for level, c in zip((2, 3, 4, 5), (256, 512, 1024, 2048)):
-    params[('fpn', f'lateral{level}', 'kernel')] = (1, 1, c, 256)
-    params[('fpn', f'output{level}', 'kernel')] = (3, 3, 256, 256)
-    if v2:
-      norm(('fpn', f'lateral{level}_norm'), 256)
-      norm(('fpn', f'output{level}_norm'), 256)
-    else:
-      params[('fpn', f'lateral{level}', 'bias')] = (256,)
-      params[('fpn', f'output{level}', 'bias')] = (256,)
-  for conv in (('conv0', 'conv1') if v2 else ('conv0',)):
-    params[('rpn_head', conv, 'kernel')] = (3, 3, 256, 256)
-    params[('rpn_head', conv, 'bias')] = (256,)
-  params[('rpn_head', 'objectness', 'kernel')] = (1, 1, 256, 3)
-  params[('rpn_head', 'objectness', 'bias')] = (3,)
-  params[('rpn_head', 'deltas', 'kernel')] = (1, 1, 256, 12)
-  params[('rpn_head', 'deltas', 'bias')] = (12,)
-  if v2:
-    for i in range(4):
-      params[('box_head', f'conv{i}', 'kernel')] = (3, 3, 256, 256)
-      norm(('box_head', f'conv{i}_norm'), 256)
-  params[('box_head', 'fc1', 'kernel')] = (12544, 1024)
-  params[('box_head', 'fc1', 'bias')] = (1024,)
-  if not v2:
-    params[('box_head', 'fc2', 'kernel')] = (1024, 1024)
-    params[('box_head', 'fc2', 'bias')] = (1024,)
-  k_cls, k_reg, k_mask = m.classes
-  params[('box_predictor', 'cls_score', 'kernel')] = (1024, k_cls)
-  params[('box_predictor', 'cls_score', 'bias')] = (k_cls,)
-  params[('box_predictor', 'bbox_pred', 'kernel')] = (1024, 4 * k_reg)
-  params[('box_predictor', 'bbox_pred', 'bias')] = (4 * k_reg,)
-  for i in (1, 2, 3, 4):
-    params[('mask_head', f'conv{i}', 'kernel')] = (3, 3, 256, 256)
-    if v2:
-      norm(('mask_head', f'conv{i}_norm'), 256)
-    else:
-      params[('mask_head', f'conv{i}', 'bias')] = (256,)
-  params[('mask_head', 'deconv', 'kernel')] = (2, 2, 256, 256)
-  params[('mask_head', 'deconv', 'bias')] = (256,)
-  params[('mask_head', 'predictor', 'kernel')] = (1, 1, 256, k_mask)
-  params[('mask_head', 'predictor', 'bias')] = (k_mask,)
-  if m.maskiou:
-    for i, cin_ in zip((1, 2, 3, 4), (257, 256, 256, 256)):
-      params[('maskiou_head', f'conv{i}', 'kernel')] = (3, 3, cin_, 256)
-      params[('maskiou_head', f'conv{i}', 'bias')] = (256,)
-    params[('maskiou_head', 'fc1', 'kernel')] = (12544, 1024)
-    params[('maskiou_head', 'fc1', 'bias')] = (1024,)
-    params[('maskiou_head', 'fc2', 'kernel')] = (1024, 1024)
-    params[('maskiou_head', 'fc2', 'bias')] = (1024,)
-    params[('maskiou_head', 'fc_mask_iou', 'kernel')] = (1024, 80)
-    params[('maskiou_head', 'fc_mask_iou', 'bias')] = (80,)
-  out = {('params',) + k: v for k, v in params.items()}
-  out.update({('batch_stats',) + k: v for k, v in stats.items()})
-  return out
+@functools.lru_cache(maxsize=None)
+def model_shapes(framework: str, spec: nm.ModelSpec) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """The variables (path -> shape) of the Flax model a config with `spec` builds: the framework's
+  R-50-FPN recipe with the spec's depth, widths, classes and heads (None: ResNet, COCO)."""
+  key = 'torchvision_v2' if spec.torchvision_v2 else framework
+  config = config_lib.load_config_file(str(ROOT / 'configs' / f'{BASE_RECIPES[key]}.py'))
+  m = config.model
+  m.depth = spec.depth
+  m.groups = spec.groups or 1
+  m.width_per_group = spec.width_per_group or 64
+  if spec.num_classes is not None:
+    m.num_classes = spec.num_classes
+  m.mask_scoring = spec.has_maskiou
+  return variable_shapes(build_model(config))
+
+
+def to_variables(state, *, framework, spec, **kw):
+  """The strict conversion against the model `spec` describes; returns the variables."""
+  return conversion.to_variables(state, framework=framework, spec=spec,
+                                 expected=model_shapes(framework, spec), **kw).variables
 
 
 _KEY_CACHE: dict[str, list] = {}
@@ -165,11 +119,11 @@ def distinct(shape, offset=0.0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Structure: every key consumed, exactly the internals.md paths and shapes.
+# Structure: every key consumed, exactly the model's paths and shapes.
 
 
 @pytest.mark.parametrize('name', sorted(MODELS))
-def test_every_key_consumed_and_tree_matches_internals(name):
+def test_every_key_consumed_and_tree_matches_the_model(name):
   m = MODELS[name]
   state = zeros_state(name)
   result = nm.map_state_dict(state, framework=m.framework, spec=m.spec())
@@ -181,7 +135,7 @@ def test_every_key_consumed_and_tree_matches_internals(name):
   assert set(result.sources.values()) | set(result.dropped) == set(state)
   assert len(result.sources) == len(state) - len(result.dropped)  # 1:1, nothing consumed twice
   got = {p: tuple(v.shape) for p, v in nm.flatten_variables(result.variables).items()}
-  want = internals_tree(m)
+  want = model_shapes(m.framework, m.spec())
   assert sorted(set(got) - set(want)) == []
   assert sorted(set(want) - set(got)) == []
   bad = {p: (got[p], want[p]) for p in want if got[p] != want[p]}
@@ -189,9 +143,8 @@ def test_every_key_consumed_and_tree_matches_internals(name):
   assert set(result.variables) == {'params', 'batch_stats'}
   for leaf in nm.flatten_variables(result.variables).values():
     assert leaf.dtype == np.float32 and leaf.flags['C_CONTIGUOUS']
-  # The strict entry point accepts it, and the library's own expected shapes agree.
-  nm.to_variables(state, framework=m.framework, spec=m.spec())
-  assert nm.expected_shapes(m.spec(), m.framework) == want
+  # The strict entry point accepts it.
+  to_variables(state, framework=m.framework, spec=m.spec())
 
 
 @pytest.mark.parametrize('name', sorted(MODELS))
@@ -214,7 +167,8 @@ def test_spec_blocks_and_widths():
 def test_unspecified_widths_come_from_the_checkpoint():
   """A spec without groups/width_per_group (as a config gives it) maps a ResNeXt file."""
   name = 'mmdet_mask_rcnn_x101_32x4d_fpn_1x_coco'
-  variables = nm.to_variables(zeros_state(name), framework='mmdet', spec=nm.ModelSpec(depth=101))
+  variables = conversion.to_variables(zeros_state(name), framework='mmdet',
+                                    spec=nm.ModelSpec(depth=101)).variables  # keys checked
   assert variables['params']['backbone']['res2_0']['conv2']['kernel'].shape == (3, 3, 4, 128)
 
 
@@ -270,7 +224,7 @@ def test_conv_weight_lands_transposed_in_the_tree():
   stem = distinct((64, 3, 7, 7), offset=0.5)
   state = zeros_state(name, {'backbone.bottom_up.res2.1.conv2.weight': w,
                              'backbone.bottom_up.stem.conv1.weight': stem})
-  v = nm.to_variables(state, framework='detectron2', spec=MODELS[name].spec())
+  v = to_variables(state, framework='detectron2', spec=MODELS[name].spec())
   k = v['params']['backbone']['res2_1']['conv2']['kernel']
   kk = v['params']['backbone']['stem_conv']['kernel']
   for (a, b, i, o) in [(0, 0, 0, 0), (2, 1, 7, 255), (1, 2, 3, 100)]:
@@ -296,7 +250,7 @@ def test_roi_fc_column_permutation(name, key, path):
   """torch column c*49 + h*7 + w lands at kernel row h*7*256 + w*256 + c (internals.md)."""
   m = MODELS[name]
   w = distinct((1024, 12544))  # w[o, col] = o * 12544 + col, exact in float32
-  v = nm.to_variables(zeros_state(name, {key: w}), framework=m.framework, spec=m.spec())
+  v = to_variables(zeros_state(name, {key: w}), framework=m.framework, spec=m.spec())
   kernel = v['params'][path[0]][path[1]]['kernel']
   assert kernel.shape == (12544, 1024)
   c, h, x = np.meshgrid(np.arange(256), np.arange(7), np.arange(7), indexing='ij')
@@ -368,7 +322,7 @@ def test_deconv_matches_conv_transpose2d():
 def test_deconv_weight_lands_in_the_tree(name, key):
   m = MODELS[name]
   w = distinct((256, 256, 2, 2))
-  v = nm.to_variables(zeros_state(name, {key: w}), framework=m.framework, spec=m.spec())
+  v = to_variables(zeros_state(name, {key: w}), framework=m.framework, spec=m.spec())
   k = v['params']['mask_head']['deconv']['kernel']
   for (a, b, i, o) in [(0, 1, 3, 200), (1, 0, 255, 0), (1, 1, 17, 18)]:
     assert k[a, b, i, o] == w[i, o, a, b]
@@ -379,7 +333,7 @@ def test_linear_and_norm_leaves():
   cls = distinct((81, 1024))
   bn = {f'backbone.layer2.0.bn3.{leaf}': distinct((512,), offset=1000.0 * i)
         for i, leaf in enumerate(('weight', 'bias', 'running_mean', 'running_var'))}
-  v = nm.to_variables(zeros_state(name, {'roi_head.bbox_head.fc_cls.weight': cls, **bn}),
+  v = to_variables(zeros_state(name, {'roi_head.bbox_head.fc_cls.weight': cls, **bn}),
                       framework='mmdet', spec=MODELS[name].spec())
   np.testing.assert_array_equal(v['params']['box_predictor']['cls_score']['kernel'], cls.T)
   norm_p = v['params']['backbone']['res3_0']['norm3']
@@ -394,7 +348,7 @@ def test_native_class_layout_is_kept():
   """No 91 -> 80 conversion (parity_spec 5 item 4): tv heads stay 91-way, row order unchanged."""
   m = MODELS['torchvision_maskrcnn_resnet50_fpn_v1']
   cls = distinct((91, 1024))
-  v = nm.to_variables(zeros_state('torchvision_maskrcnn_resnet50_fpn_v1',
+  v = to_variables(zeros_state('torchvision_maskrcnn_resnet50_fpn_v1',
                                   {'roi_heads.box_predictor.cls_score.weight': cls}),
                       framework='torchvision', spec=m.spec())
   np.testing.assert_array_equal(v['params']['box_predictor']['cls_score']['kernel'][:, 0], cls[0])
@@ -416,8 +370,8 @@ def test_torchvision_legacy_names_give_the_same_tree():
   legacy_keys = keys_of('torchvision_maskrcnn_resnet50_fpn_v1_legacy_names')
   assert set(legacy_state) == {k for k, _, _ in legacy_keys}
   spec = MODELS['torchvision_maskrcnn_resnet50_fpn_v1'].spec()
-  a = nm.flatten_variables(nm.to_variables(current_state, framework='torchvision', spec=spec))
-  b = nm.flatten_variables(nm.to_variables(legacy_state, framework='torchvision', spec=spec))
+  a = nm.flatten_variables(to_variables(current_state, framework='torchvision', spec=spec))
+  b = nm.flatten_variables(to_variables(legacy_state, framework='torchvision', spec=spec))
   assert a.keys() == b.keys()
   for p in a:
     np.testing.assert_array_equal(a[p], b[p])
@@ -429,7 +383,7 @@ def test_both_spellings_is_an_error():
   with pytest.raises(nm.CheckpointMismatchError,
                      match=r'rpn\.head\.conv\.weight and rpn\.head\.conv\.0\.0\.weight both map to '
                            r'params/rpn_head/conv0/kernel'):
-    nm.to_variables(state, framework='torchvision', spec=MODELS[name].spec())
+    to_variables(state, framework='torchvision', spec=MODELS[name].spec())
 
 
 def test_d2_cell_anchors_are_dropped_and_exposed():
@@ -445,16 +399,16 @@ def test_d2_cell_anchors_are_dropped_and_exposed():
   for i in range(5):
     np.testing.assert_array_equal(got[i], anchors[names[i]])
   assert nm.cell_anchors(zeros_state(name)) is None
-  nm.to_variables(state, framework='detectron2', spec=MODELS[name].spec())
+  to_variables(state, framework='detectron2', spec=MODELS[name].spec())
 
 
 def test_dtype_cast_and_keep():
   name = 'mmdet_mask_rcnn_r50_fpn_1x_coco'
   state = {k: v.astype(np.float16) if v.dtype == np.float32 else v
            for k, v in zeros_state(name).items()}
-  v = nm.to_variables(state, framework='mmdet', spec=MODELS[name].spec())
+  v = to_variables(state, framework='mmdet', spec=MODELS[name].spec())
   assert v['params']['fpn']['lateral2']['kernel'].dtype == np.float32
-  v = nm.to_variables(state, framework='mmdet', spec=MODELS[name].spec(), dtype=None)
+  v = to_variables(state, framework='mmdet', spec=MODELS[name].spec(), dtype=None)
   assert v['params']['fpn']['lateral2']['kernel'].dtype == np.float16
 
 
@@ -464,7 +418,7 @@ def test_dtype_cast_and_keep():
 
 def _mismatch(state, framework, spec, **kw) -> str:
   with pytest.raises(nm.CheckpointMismatchError) as info:
-    nm.to_variables(state, framework=framework, spec=spec, **kw)
+    to_variables(state, framework=framework, spec=spec, **kw)
   return str(info.value)
 
 
@@ -539,7 +493,7 @@ def test_mmdet_v1_checkpoint_is_rejected():
       'roi_head.mask_head.conv_logits.weight': np.zeros((81, 256, 1, 1), f32),
       'roi_head.mask_head.conv_logits.bias': np.zeros((81,), f32)})
   with pytest.raises(nm.LegacyMmdetCheckpointError) as info:
-    nm.to_variables(state, framework='mmdet', spec=nm.ModelSpec(), source='old.pth')
+    to_variables(state, framework='mmdet', spec=nm.ModelSpec(), source='old.pth')
   msg = str(info.value)
   assert msg.startswith('old.pth: this is an mmdetection 1.x checkpoint: fc_cls has 81 rows, '
                         'fc_reg 324 rows, conv_logits 81 channels')
@@ -547,7 +501,7 @@ def test_mmdet_v1_checkpoint_is_rejected():
   # The 1.x spelling (no roi_head. prefix) is recognised too, even when strict=False.
   v1_names = {k.replace('roi_head.', ''): v for k, v in state.items()}
   with pytest.raises(nm.LegacyMmdetCheckpointError, match='mmdetection 1.x'):
-    nm.to_variables(v1_names, framework='mmdet', spec=nm.ModelSpec(), strict=False)
+    conversion.to_variables(v1_names, framework='mmdet', spec=nm.ModelSpec(), strict=False)
 
 
 def test_every_problem_is_listed_with_shapes():
@@ -580,12 +534,13 @@ def test_layout_problem_is_reported():
 
 def test_check_against_model_shapes():
   name = 'mmdet_mask_rcnn_x101_32x4d_fpn_1x_coco'
-  v = nm.to_variables(zeros_state(name), framework='mmdet', spec=nm.ModelSpec(depth=101))
-  nm.check_against(v, internals_tree(MODELS[name]))  # passes
+  m = MODELS[name]
+  v = to_variables(zeros_state(name), framework='mmdet', spec=m.spec())
+  diagnose.check_against(v, model_shapes('mmdet', m.spec()))  # passes
   # A model built as plain ResNet-101: the hint names the ResNeXt widths.
   with pytest.raises(nm.CheckpointMismatchError) as info:
     resnet101 = nm.ModelSpec(depth=101, groups=1, width_per_group=64)
-    nm.check_against(v, nm.expected_shapes(resnet101, 'mmdet'))
+    diagnose.check_against(v, model_shapes('mmdet', resnet101))
   msg = str(info.value)
   assert 'the checkpoint backbone is a ResNeXt 32x4d (groups=32, width_per_group=4)' in msg
   assert 'params/backbone/res2_0/conv2/kernel: checkpoint (3,3,4,128) vs model (3,3,64,64)' in msg
@@ -594,23 +549,31 @@ def test_check_against_model_shapes():
   extra['params'] = dict(v['params'], stray={'kernel': np.zeros((2, 2))})
   with pytest.raises(nm.CheckpointMismatchError,
                      match=r'1 variable\(s\) the model does not have:\n    params/stray/kernel'):
-    nm.check_against(extra, internals_tree(MODELS[name]))
+    diagnose.check_against(extra, model_shapes('mmdet', m.spec()))
 
 
 def test_describe_match():
   name = 'mmdet_ms_rcnn_r50_caffe_fpn_1x_coco'
   state = zeros_state(name)
   result = nm.map_state_dict(state, framework='mmdet', spec=MODELS[name].spec())
-  text = nm.describe_match(result.variables, nm.expected_shapes(MODELS[name].spec(), 'mmdet'),
-                           unmatched_keys=result.unmatched, dropped_keys=result.dropped)
+  text = diagnose.describe_match(result.variables, model_shapes('mmdet', MODELS[name].spec()),
+                                 unmatched_keys=result.unmatched, dropped_keys=result.dropped)
   lines = text.splitlines()
   assert lines[0] == 'backbone: 265/265 variables matched, 0 missing, 0 shape mismatches'
   assert [l.split(':')[0] for l in lines] == [
       'backbone', 'fpn', 'rpn_head', 'box_head', 'box_predictor', 'mask_head', 'maskiou_head',
       'checkpoint']
-  assert lines[-1].startswith('checkpoint: 0 unmatched keys, 53 dropped')
+  assert lines[-1] == ('checkpoint: 0 unmatched key(s), 53 dropped on purpose '
+                       '(53 x num_batches_tracked)')
+  # Unmatched and dropped keys are named as they are (a lenient mapping of an extra key).
+  text = diagnose.describe_match(result.variables, unmatched_keys=['roi_head.extra.weight'],
+                                 dropped_keys=['proposal_generator.anchor_generator.cell_anchors.0',
+                                               'a.num_batches_tracked'])
+  assert text.splitlines()[-1] == (
+      'checkpoint: 1 unmatched key(s) (roi_head.extra.weight), 2 dropped on purpose '
+      '(1 x cell_anchors, 1 x num_batches_tracked)')
   # Without expected shapes it tallies the tree.
-  assert nm.describe_match(result.variables).splitlines()[1] == (
+  assert diagnose.describe_match(result.variables).splitlines()[1] == (
       'fpn: 16/16 variables matched, 0 missing, 0 shape mismatches')
 
 
@@ -619,7 +582,7 @@ def test_no_jax_or_torch_import():
       'import sys\n'
       'import maskrcnn_jax\n'
       'before = set(sys.modules)\n'
-      'from maskrcnn_jax.checkpoints import name_maps, synthetic, torch_reader\n'
+      'from maskrcnn_jax.checkpoints import diagnose, name_maps, torch_reader\n'
       'new = set(sys.modules) - before\n'
       'bad = sorted(m for m in new if m.split(".")[0] in ("jax", "jaxlib", "flax", "torch"))\n'
       'assert not bad, bad\n')

@@ -13,8 +13,10 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from maskrcnn_jax import config_lib, convert
-from maskrcnn_jax.checkpoints import orbax_io, provenance, synthetic
+from maskrcnn_jax import config_lib
+from maskrcnn_jax.checkpoints import conversion
+from maskrcnn_jax.checkpoints import orbax_io, provenance
+from tests import synthetic_weights as synthetic
 from maskrcnn_jax.modeling.mask_rcnn import ModelConfig
 from maskrcnn_jax.training import checkpointing
 
@@ -97,7 +99,7 @@ def test_converter_records_the_eps_and_init_reads_it(tmp_path):
   with open(src, "wb") as f:
     pickle.dump({"model": state, "__author__": "test", "matching_heuristics": True}, f)
   config = recipe("detectron2/mask_rcnn_R_50_FPN_3x")
-  _, summary, resolved = convert.convert(config, str(src), str(tmp_path / "out"))
+  _, summary, resolved = conversion.convert_file(config, str(src), str(tmp_path / "out"))
   assert resolved.model.norm_eps == 1e-5 and "norm_eps = 1e-05" in summary
   saved = orbax_io.load_saved_config(str(tmp_path / "out"))
   assert saved.model.norm_eps == 1e-5

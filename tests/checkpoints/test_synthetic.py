@@ -1,4 +1,4 @@
-"""Deterministic synthetic state dicts (maskrcnn_jax/checkpoints/synthetic.py)."""
+"""Deterministic synthetic state dicts (tests/synthetic_weights.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from maskrcnn_jax.checkpoints import synthetic
+from tests import synthetic_weights as synthetic
 
 KEYS_DIR = os.path.join(os.path.dirname(__file__), '..', 'fixtures', 'checkpoint_keys')
 

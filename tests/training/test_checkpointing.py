@@ -12,7 +12,8 @@ import pytest
 from flax import traverse_util
 
 from maskrcnn_jax import config_lib
-from maskrcnn_jax.checkpoints import orbax_io, synthetic, torch_reader
+from maskrcnn_jax.checkpoints import orbax_io, torch_reader
+from tests import synthetic_weights as synthetic
 from maskrcnn_jax.modeling.build import build_model, variable_shapes
 from maskrcnn_jax.training import checkpointing, sharding, train_state
 
@@ -106,10 +107,10 @@ def test_zoo_file_is_converted_and_class_layers_reinitialised(tmp_path, monkeypa
   fresh = _random_variables(config, seed=6)
   loaded, reinit = checkpointing.load_init(config, fresh, str(fake))
   assert {tuple(p.split("/")) for p in reinit} == CLASS_PATHS
-  from maskrcnn_jax import convert
+  from maskrcnn_jax.checkpoints import conversion
   src_config = config_lib.load_config_file(
       os.path.join(REPO, "configs", "mmdet", "ms_rcnn_r50_caffe_fpn_1x_coco.py"))
-  expected, _ = convert.convert_state_dict(src_config, state)
+  expected, _ = conversion.convert_state_dict(src_config, state)
   expected = traverse_util.flatten_dict(expected)
   flat_fresh = traverse_util.flatten_dict(fresh)
   for path, value in traverse_util.flatten_dict(loaded).items():
