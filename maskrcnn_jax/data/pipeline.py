@@ -61,7 +61,7 @@ Training (`train_example`) runs one function per stage, for the recipe's convent
 Evaluation (`eval_example`): `transforms.preprocess` with the test sizes, plus the image id,
 original size and scale factor (float32 images: evaluation keeps the host normalization).
 
-Config fields read from `config.data` (defaults in `DATA_DEFAULTS` when absent):
+Config fields read from `config.data` (`config_lib.defaults()` when absent):
   train_short (tuple of ints), train_short_mode ('choice' | 'range'), train_max_size,
   train_buckets (tuple of (H, W); empty = the landscape / portrait pair), test_short,
   test_max_size, test_buckets, size_divisibility, max_instances, gt_mask_size, flip_prob,
@@ -77,6 +77,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from maskrcnn_jax import config_lib
 from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax import errors
 from maskrcnn_jax.data import coco as coco_lib
@@ -85,29 +86,12 @@ from maskrcnn_jax.data import transforms
 
 logger = logging.getLogger(__name__)
 
-DATA_DEFAULTS = dict(
-    train_short=(800,),
-    train_short_mode="choice",
-    train_max_size=1333,
-    train_buckets=(),
-    test_short=800,
-    test_max_size=1333,
-    test_buckets=(),
-    size_divisibility=32,
-    max_instances=100,
-    gt_mask_size=112,
-    flip_prob=0.5,
-    train_filter_empty=True,
-    num_workers=2,
-)
-
-
 def data_option(config, name: str):
-  """config.data.<name>, or `DATA_DEFAULTS[name]` when the config does not have it."""
+  """config.data.<name>, or its default (`config_lib.defaults().data`) when the config lacks it."""
   data = getattr(config, "data", None)
   if data is not None and name in data:
     return data[name]
-  return DATA_DEFAULTS[name]
+  return config_lib.defaults().data[name]
 
 
 def _pixel_kwargs(config) -> Dict[str, Any]:
