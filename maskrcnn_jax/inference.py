@@ -22,12 +22,7 @@ from maskrcnn_jax.ops import paste as paste_lib
 
 def preprocess_image(image: np.ndarray, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """[H, W, 3] uint8 in the convention's decoder channel order -> the model inputs of one image."""
-  m = config.model
-  return transforms.preprocess(
-      image, convention=config.convention, pixel_mean=tuple(m.pixel_mean),
-      pixel_std=tuple(m.pixel_std), to_rgb=bool(m.to_rgb), input_scale=float(m.input_scale),
-      short=int(config.data.test_short), max_size=int(config.data.test_max_size),
-      size_divisibility=int(config.data.size_divisibility))
+  return transforms.preprocess(image, **transforms.preprocess_kwargs(config))
 
 
 def category_ids(config: ml_collections.ConfigDict) -> np.ndarray:

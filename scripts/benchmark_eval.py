@@ -126,6 +126,7 @@ def device_only_seconds(config, variables, images, batch_size_per_device, repeat
   """Median seconds of the jitted sharded forward on one preloaded global batch."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
+  from maskrcnn_jax.data import transforms
   from maskrcnn_jax.evaluation import evaluator, host
   from maskrcnn_jax.modeling.mask_rcnn import ModelConfig
   mesh = evaluator.make_mesh()
@@ -133,7 +134,7 @@ def device_only_seconds(config, variables, images, batch_size_per_device, repeat
   plan = evaluator.plan_batches([evaluator.EvalImage(im.image_id, im.path, im.hw, im.padded_hw)
                                  for im in images[:gb]], gb, int(config.data.size_divisibility))
   batch = plan[0]
-  kwargs = host.preprocess_kwargs(config)
+  kwargs = transforms.preprocess_kwargs(config)
   loaded = [host.load_image(im.path, kwargs, batch.padded_hw) if im is not None else
             host.load_image(images[0].path, kwargs, batch.padded_hw) for im in batch.images]
   data = NamedSharding(mesh, P("data"))

@@ -94,12 +94,6 @@ def data_option(config, name: str):
   return config_lib.defaults().data[name]
 
 
-def _pixel_kwargs(config) -> Dict[str, Any]:
-  m = config.model
-  return dict(pixel_mean=tuple(m.pixel_mean), pixel_std=tuple(m.pixel_std), to_rgb=bool(m.to_rgb),
-              input_scale=float(m.input_scale))
-
-
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
   """The numpy generator of one training example: a pure function of (seed, epoch, index)."""
   return np.random.default_rng((int(seed), int(epoch), int(index)))
@@ -111,7 +105,7 @@ def device_normalization(config) -> Optional[Tuple[np.ndarray, np.ndarray]]:
   conv = conventions_lib.get(config.convention)
   if conv.normalize_before_resize:
     return None
-  return transforms.normalization_table(convention=conv, **_pixel_kwargs(config))
+  return transforms.normalization_table(convention=conv, **transforms.pixel_kwargs(config))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -252,7 +246,7 @@ def normalized_float_image(image: np.ndarray, short: int, config,
                            convention: conventions_lib.Convention) -> np.ndarray:
   """torchvision's order, normalize then resize the float image (parity_spec 3.3; exactly
   `transforms.preprocess`): [H, W, 3] uint8 -> [new_h, new_w, 3] float32."""
-  pre = transforms.preprocess(image, convention=convention, **_pixel_kwargs(config), short=short,
+  pre = transforms.preprocess(image, convention=convention, **transforms.pixel_kwargs(config), short=short,
                               max_size=int(data_option(config, "train_max_size")),
                               size_divisibility=1)
   return pre["image"]
@@ -391,7 +385,7 @@ def eval_example(dataset: coco_lib.CocoDataset, image_id: int, config, *,
       new_hw = transforms.test_resize_size(*image.shape[:2], rule=conv.resize, short=short,
                                            max_size=max_size)
       pad_to = choose_bucket(new_hw, buckets)
-  pre = transforms.preprocess(image, convention=conv, **_pixel_kwargs(config), short=short,
+  pre = transforms.preprocess(image, convention=conv, **transforms.pixel_kwargs(config), short=short,
                               max_size=max_size,
                               size_divisibility=int(data_option(config, "size_divisibility")),
                               pad_to=pad_to)

@@ -426,6 +426,25 @@ def normalization_table(*, convention: Union[str, conventions_lib.Convention],
   return np.ascontiguousarray(table.reshape(256, 3), np.float32), source
 
 
+def pixel_kwargs(config) -> Dict[str, Any]:
+  """config.model's pixel statistics as `preprocess` / `normalize_resized` /
+  `normalization_table` keyword arguments: pixel_mean, pixel_std (3-tuples of float), to_rgb
+  (bool), input_scale (float); plain Python values, which pickle into worker processes."""
+  m = config.model
+  return dict(pixel_mean=tuple(float(v) for v in m.pixel_mean),
+              pixel_std=tuple(float(v) for v in m.pixel_std), to_rgb=bool(m.to_rgb),
+              input_scale=float(m.input_scale))
+
+
+def preprocess_kwargs(config) -> Dict[str, Any]:
+  """Every `preprocess` keyword argument of a config's test pipeline (predict, evaluate and
+  training's evaluations): convention (str), `pixel_kwargs`, short / max_size
+  (config.data.test_short / test_max_size) and size_divisibility (ints); plain Python values."""
+  return dict(convention=str(config.convention), **pixel_kwargs(config),
+              short=int(config.data.test_short), max_size=int(config.data.test_max_size),
+              size_divisibility=int(config.data.size_divisibility))
+
+
 def preprocess(image_uint8: np.ndarray, *, convention: Union[str, conventions_lib.Convention],
                pixel_mean: Sequence[float], pixel_std: Sequence[float], to_rgb: bool = False,
                input_scale: float = 1.0, short: int = 800, max_size: int = 1333,

@@ -314,7 +314,7 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
 
   forward = _sharded_forward(ModelConfig.from_config(config), precision, mesh)
   variables = jax.device_put(variables, replicated)
-  kwargs = host.preprocess_kwargs(config)
+  kwargs = transforms.preprocess_kwargs(config)
   convention = str(config.convention)
   conv = conventions_lib.get(convention)
   log(f"evaluating {len(images)} images on {num_devices} device(s) in {jax.process_count()} "

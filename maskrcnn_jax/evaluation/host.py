@@ -29,21 +29,6 @@ from maskrcnn_jax.ops import paste as paste_lib
 from maskrcnn_jax.ops import paste_plan
 
 
-def preprocess_kwargs(config) -> Dict[str, Any]:
-  """The keyword arguments of `transforms.preprocess` for a config's test pipeline.
-
-  The same values as `inference.preprocess_image` (checked by tests/evaluation), as plain Python
-  values that pickle into worker processes without the config.
-  """
-  m = config.model
-  return dict(
-      convention=str(config.convention), pixel_mean=tuple(float(v) for v in m.pixel_mean),
-      pixel_std=tuple(float(v) for v in m.pixel_std), to_rgb=bool(m.to_rgb),
-      input_scale=float(m.input_scale), short=int(config.data.test_short),
-      max_size=int(config.data.test_max_size),
-      size_divisibility=int(config.data.size_divisibility))
-
-
 class ImageSizeMismatchError(errors.UserError, ValueError):
   """A decoded image's size differs from the width/height its annotation file records."""
 
@@ -54,7 +39,7 @@ def load_image(path: str, kwargs: Dict[str, Any], pad_to: Sequence[int],
 
   Args:
     path: image file.
-    kwargs: `preprocess_kwargs(config)`.
+    kwargs: `transforms.preprocess_kwargs(config)`.
     pad_to: (Hp, Wp) the padded size of the image's batch.
     expected_hw: (H, W) from the annotation file; a decoded image of another size raises
       `ImageSizeMismatchError` naming the file (the batch plan was made from these sizes, and
