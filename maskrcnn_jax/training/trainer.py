@@ -83,12 +83,9 @@ def resolve_data(config: ml_collections.ConfigDict) -> None:
   config.data.builtin: a dict of `data.builtin.ensure_builtin_dataset` arguments (num_train,
   num_val, image_size, seed; cache_dir optional); the dataset is generated on first use.
   """
-  builtin = config.data.get("builtin", None)
-  if builtin:
+  if config.data.get("builtin", None):
     from maskrcnn_jax.data import builtin as builtin_lib
-    kwargs = dict(builtin)
-    cache_dir = kwargs.pop("cache_dir", None) or None
-    paths = builtin_lib.ensure_builtin_dataset(cache_dir, **kwargs)
+    paths = builtin_lib.from_config(config)
     config.data.train_json, config.data.train_images = paths["train"]
     config.data.val_json, config.data.val_images = paths["val"]
   if not config.data.get("train_json", ""):
