@@ -160,7 +160,7 @@ def val_scale(args):
   import jax
   from maskrcnn_jax import config_lib, conventions
   from maskrcnn_jax.evaluation import coco_eval, coco_format, host, synthetic
-  from maskrcnn_jax.ops import paste_device, paste_plan
+  from maskrcnn_jax.ops import paste, paste_device, paste_plan
 
   n_img, n_det = args.num_images or 5000, args.dets
   conv = conventions.get(args.convention)
@@ -188,8 +188,8 @@ def val_scale(args):
     plan = paste_plan.plan_tiles(np.arange(len(hws)), boxes.reshape(-1, 4), hws,
                                  method=conv.paste, mask_size=probs.shape[-1])
     chunks = paste_device.dispatch(plan, jax.device_put(probs, device),
-                                   jax.device_put(boxes, device), method=conv.paste,
-                                   inclusive=conv.mask_threshold_inclusive,
+                                   jax.device_put(boxes, device),
+                                   **paste.convention_args(conv),
                                    chunk_tiles=args.chunk_tiles, device=device)
     tiles = paste_device.gather_packed(plan, chunks)
     dt = time.perf_counter() - s0
@@ -197,8 +197,8 @@ def val_scale(args):
       compile_s = dt  # the first batch compiles; timed again below
       s0 = time.perf_counter()
       tiles = paste_device.gather_packed(plan, paste_device.dispatch(
-          plan, jax.device_put(probs, device), jax.device_put(boxes, device), method=conv.paste,
-          inclusive=conv.mask_threshold_inclusive, chunk_tiles=args.chunk_tiles, device=device))
+          plan, jax.device_put(probs, device), jax.device_put(boxes, device),
+          **paste.convention_args(conv), chunk_tiles=args.chunk_tiles, device=device))
       dt = time.perf_counter() - s0
     t["paste_device"] += dt
     tile_bytes += tiles.nbytes

@@ -55,7 +55,7 @@ from maskrcnn_jax import errors
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_eval, host
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, ModelConfig
-from maskrcnn_jax.ops import paste_device, paste_plan
+from maskrcnn_jax.ops import paste as paste_lib, paste_device, paste_plan
 
 _INPUT_KEYS = ("image", "image_hw", "orig_hw", "scale_factor")
 _GATHER_CHUNK = 1 << 26  # bytes per process_allgather call
@@ -316,7 +316,7 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
   variables = jax.device_put(variables, replicated)
   kwargs = transforms.preprocess_kwargs(config)
   convention = str(config.convention)
-  conv = conventions_lib.get(convention)
+  paste_args = paste_lib.convention_args(convention)
   log(f"evaluating {len(images)} images on {num_devices} device(s) in {jax.process_count()} "
       f"process(es): {len(batches)} batches of {global_batch}, {stats.compiles} padded sizes "
       f"(multiples of {pad_multiple})")
@@ -445,12 +445,11 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
       if not owners:
         continue
       plan = paste_plan.plan_tiles(np.concatenate(det_index), np.concatenate(boxes),
-                                   np.concatenate(hws), method=conv.paste,
+                                   np.concatenate(hws), method=paste_args["method"],
                                    mask_size=int(shard.data.shape[-1]))
       chunks = paste_device.dispatch(
-          plan, shard.data, boxes_on[shard.device].data, method=conv.paste,
-          inclusive=conv.mask_threshold_inclusive, chunk_tiles=paste_chunk_tiles,
-          device=shard.device)
+          plan, shard.data, boxes_on[shard.device].data, **paste_args,
+          chunk_tiles=paste_chunk_tiles, device=shard.device)
       started.append((plan, chunks, owners))
     return started
 

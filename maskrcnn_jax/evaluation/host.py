@@ -116,7 +116,7 @@ def paste_window(prob: np.ndarray, box: np.ndarray, image_hw: Sequence[int],
                  conv: conventions_lib.Convention) -> Tuple[int, int, np.ndarray]:
   """The binary mask of one detection inside its paste window (the convention's algorithm).
 
-  Same rule as `inference.paste_masks` (parity_spec 3.13): grid_sample (mmdet / detectron2) with
+  The rule of `paste.convention_args` (parity_spec 3.13): grid_sample (mmdet / detectron2) with
   threshold 0.5 (>= for both), or torchvision's legacy paste binarized with > 0.5.
 
   Args:
@@ -128,8 +128,7 @@ def paste_window(prob: np.ndarray, box: np.ndarray, image_hw: Sequence[int],
   Returns:
     (y0, x0, window [h, w] bool).
   """
-  return paste_lib.paste_mask(prob, box, image_hw, conv.paste, 0.5,
-                              conv.mask_threshold_inclusive)
+  return paste_lib.paste_mask(prob, box, image_hw, **paste_lib.convention_args(conv))
 
 
 def _entries(job: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], Tuple[int, int]]:
