@@ -177,7 +177,6 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   # Training image shapes (H, W), one compiled train step each; () = a landscape and a portrait
   # bucket of the largest resized size (data/pipeline.py:train_buckets).
   d.train_buckets = ()
-  d.test_buckets = ()
   d.max_instances = 100
   d.gt_mask_size = 112  # instance masks cropped to their box and resized to this (training)
   d.flip_prob = 0.5
