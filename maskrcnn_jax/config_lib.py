@@ -15,6 +15,8 @@ Config layout (every field can be overridden on the command line, e.g. --config.
 """
 from __future__ import annotations
 
+import functools
+
 import ml_collections
 
 from maskrcnn_jax import errors
@@ -128,6 +130,9 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   m.mask_scoring = mask_scoring
   # RoIAlign: the adaptive grid (sampling_ratio 0) is capped at this many samples per bin axis.
   m.roi_align_max_grid = 16
+  # FPN level of a RoI: P4 at sqrt(area) = this (detectron2 / torchvision ROIPooler
+  # canonical_box_size; mmdet finest_scale = a quarter of it). 224 in every reference.
+  m.roi_canonical_box_size = 224.0
   # Training compute dtype: 'float32', 'bfloat16' or 'float16' (mixed precision, float32 master
   # weights; float16 with loss scaling, train.loss_scale; maskrcnn_jax/training/train_state.py).
   m.dtype = "float32"
@@ -153,7 +158,6 @@ def mask_rcnn(*, convention: str, depth: int = 50, groups: int = 1, width_per_gr
   # Training image shapes (H, W), one compiled train step each; () = a landscape and a portrait
   # bucket of the largest resized size (data/pipeline.py:train_buckets).
   d.train_buckets = ()
-  d.test_buckets = ()
   d.max_instances = 100
   d.gt_mask_size = 112  # instance masks cropped to their box and resized to this (training)
   d.flip_prob = 0.5
@@ -298,6 +302,22 @@ def eval_config() -> ml_collections.ConfigDict:
   """
   return ml_collections.ConfigDict(dict(paste="device", scorer="auto", batch_size_per_device=1,
                                         num_workers=2))
+
+
+# The convention of `defaults()`: detectron2's ResNet-50-FPN.
+DEFAULT_CONVENTION = "detectron2"
+
+
+@functools.lru_cache(maxsize=None)
+def defaults() -> ml_collections.FrozenConfigDict:
+  """The default of every config field: `mask_rcnn(convention=DEFAULT_CONVENTION)`, frozen.
+
+  The one place defaults are written is this module; code that reads a config lacking a field (a
+  hand-built config, a config.json written before the field existed) takes its value from here:
+  `ModelConfig.from_config` for config.model, `data.pipeline.data_option` for config.data,
+  `MaskRCNN.losses` for the samplers' config.train settings.
+  """
+  return ml_collections.FrozenConfigDict(mask_rcnn(convention=DEFAULT_CONVENTION))
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -218,12 +218,21 @@ TORCHVISION = Convention(
 )
 
 _ALL = {c.name: c for c in (MMDET, DETECTRON2, TORCHVISION)}
+# The other spellings users and checkpoint tools write (the one alias table of the project).
+ALIASES = {"mmdetection": "mmdet", "mm": "mmdet", "d2": "detectron2", "tv": "torchvision"}
+
+
+def canonical_name(name: str) -> str:
+  """'d2' -> 'detectron2', 'tv' -> 'torchvision', 'mmdetection' / 'mm' -> 'mmdet'; other strings
+  are returned unchanged (`get` validates)."""
+  return ALIASES.get(name, name)
 
 
 def get(name: str) -> Convention:
-  """Returns the convention called `name`; raises ValueError naming the valid choices."""
+  """Returns the convention called `name` (or an alias); raises errors.ConfigError naming the
+  valid choices."""
   try:
-    return _ALL[name]
+    return _ALL[canonical_name(name)]
   except KeyError:
     raise errors.ConfigError(
         f"unknown convention {name!r}; expected one of {sorted(_ALL)}") from None

@@ -26,6 +26,11 @@ class InputNotFoundError(UserError, FileNotFoundError):
   """A path the user gave (config file, annotation json, image folder, checkpoint) is missing."""
 
 
+class MissingDependencyError(UserError, ImportError):
+  """A package a requested feature needs is not installed; the message names it and the pip
+  command that installs it."""
+
+
 class CheckpointError(UserError):
   """A checkpoint that cannot be read, is unsafe to unpickle, or does not fit the config's model."""
 

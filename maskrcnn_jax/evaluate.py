@@ -37,9 +37,7 @@ def resolve_val_set(config: ml_collections.ConfigDict) -> tuple[str, str]:
   builtin = data.get("builtin", None)
   if data.get("val_source", "") == "builtin" or (builtin and not data.get("val_json", "")):
     from maskrcnn_jax.data import builtin as builtin_lib  # pylint: disable=g-import-not-at-top
-    kwargs = dict(builtin or {})
-    cache_dir = kwargs.pop("cache_dir", None) or None
-    return builtin_lib.ensure_builtin_dataset(cache_dir, **kwargs)["val"]
+    return builtin_lib.from_config(config)["val"]
   if not data.get("val_json", ""):
     raise errors.ConfigError(
         "no val set: set --config.data.val_json and --config.data.val_images (a "

@@ -23,12 +23,7 @@ from maskrcnn_jax.ops import paste as paste_lib
 
 def preprocess_image(image: np.ndarray, config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """[H, W, 3] uint8 in the convention's decoder channel order -> the model inputs of one image."""
-  m = config.model
-  return transforms.preprocess(
-      image, convention=config.convention, pixel_mean=tuple(m.pixel_mean),
-      pixel_std=tuple(m.pixel_std), to_rgb=bool(m.to_rgb), input_scale=float(m.input_scale),
-      short=int(config.data.test_short), max_size=int(config.data.test_max_size),
-      size_divisibility=int(config.data.size_divisibility))
+  return transforms.preprocess(image, **transforms.preprocess_kwargs(config))
 
 
 def category_ids(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -54,24 +49,14 @@ def category_names(config: ml_collections.ConfigDict) -> Dict[int, str]:
 
 def paste_masks(mask_probs: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int],
                 convention: str) -> List[np.ndarray]:
-  """Binary full-image masks, one [H, W] bool array per detection.
+  """Binary full-image masks, one [H, W] bool array per detection (the convention's paste rule,
+  `paste.convention_args`).
 
   mask_probs: [D, M, M] float32 (M = 28, or 14 for C4); boxes: [D, 4] float32 xyxy in
   original-image pixels.
   """
-  conv = conventions_lib.get(convention)
-  out = []
-  for prob, box in zip(mask_probs, boxes):
-    full = np.zeros(tuple(int(v) for v in image_hw), bool)
-    if conv.paste == "grid_sample":
-      y0, x0, window = paste_lib.paste_mask_grid_sample(
-          prob, box, image_hw, threshold=0.5, inclusive=conv.mask_threshold_inclusive)
-    else:
-      y0, x0, soft = paste_lib.paste_mask_tv_legacy(prob, box, image_hw)
-      window = soft >= 0.5 if conv.mask_threshold_inclusive else soft > 0.5
-    full[y0:y0 + window.shape[0], x0:x0 + window.shape[1]] = window
-    out.append(full)
-  return out
+  return list(paste_lib.paste_masks(mask_probs, boxes, image_hw,
+                                    **paste_lib.convention_args(convention)))
 
 
 @dataclasses.dataclass

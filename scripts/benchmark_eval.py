@@ -126,6 +126,7 @@ def device_only_seconds(config, variables, images, batch_size_per_device, repeat
   """Median seconds of the jitted sharded forward on one preloaded global batch."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
+  from maskrcnn_jax.data import transforms
   from maskrcnn_jax.evaluation import evaluator, host
   from maskrcnn_jax.modeling.mask_rcnn import ModelConfig
   mesh = evaluator.make_mesh()
@@ -133,7 +134,7 @@ def device_only_seconds(config, variables, images, batch_size_per_device, repeat
   plan = evaluator.plan_batches([evaluator.EvalImage(im.image_id, im.path, im.hw, im.padded_hw)
                                  for im in images[:gb]], gb, int(config.data.size_divisibility))
   batch = plan[0]
-  kwargs = host.preprocess_kwargs(config)
+  kwargs = transforms.preprocess_kwargs(config)
   loaded = [host.load_image(im.path, kwargs, batch.padded_hw) if im is not None else
             host.load_image(images[0].path, kwargs, batch.padded_hw) for im in batch.images]
   data = NamedSharding(mesh, P("data"))
@@ -160,7 +161,7 @@ def val_scale(args):
   from maskrcnn_jax import conventions
   from maskrcnn_jax.data import coco_categories
   from maskrcnn_jax.evaluation import coco_eval, coco_format, host, synthetic
-  from maskrcnn_jax.ops import paste_device, paste_plan
+  from maskrcnn_jax.ops import paste, paste_device, paste_plan
 
   n_img, n_det = args.num_images or 5000, args.dets
   conv = conventions.get(args.convention)
@@ -188,8 +189,8 @@ def val_scale(args):
     plan = paste_plan.plan_tiles(np.arange(len(hws)), boxes.reshape(-1, 4), hws,
                                  method=conv.paste, mask_size=probs.shape[-1])
     chunks = paste_device.dispatch(plan, jax.device_put(probs, device),
-                                   jax.device_put(boxes, device), method=conv.paste,
-                                   inclusive=conv.mask_threshold_inclusive,
+                                   jax.device_put(boxes, device),
+                                   **paste.convention_args(conv),
                                    chunk_tiles=args.chunk_tiles, device=device)
     tiles = paste_device.gather_packed(plan, chunks)
     dt = time.perf_counter() - s0
@@ -197,8 +198,8 @@ def val_scale(args):
       compile_s = dt  # the first batch compiles; timed again below
       s0 = time.perf_counter()
       tiles = paste_device.gather_packed(plan, paste_device.dispatch(
-          plan, jax.device_put(probs, device), jax.device_put(boxes, device), method=conv.paste,
-          inclusive=conv.mask_threshold_inclusive, chunk_tiles=args.chunk_tiles, device=device))
+          plan, jax.device_put(probs, device), jax.device_put(boxes, device),
+          **paste.convention_args(conv), chunk_tiles=args.chunk_tiles, device=device))
       dt = time.perf_counter() - s0
     t["paste_device"] += dt
     tile_bytes += tiles.nbytes

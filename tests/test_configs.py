@@ -282,3 +282,41 @@ def test_model_zoo_doc_lists_every_recipe():
     assert f"| {p.box_ap:.1f} | {p.mask_ap:.1f} |" in row, rel
     assert f"]({p.url})" in row, rel
     assert f"--config {rel} --src {p.checkpoint} --out " in row, rel
+
+
+def test_defaults_are_written_once_in_config_lib():
+  """config_lib is the only place a default is written: ModelConfig has none of its own (a field
+  the config lacks comes from config_lib.defaults()), MaskRCNN.losses' sampler defaults and
+  data.pipeline's fallbacks read config_lib."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  from maskrcnn_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax.modeling import mask_rcnn  # pylint: disable=g-import-not-at-top
+
+  defaults = config_lib.defaults()
+  fields = dataclasses.fields(mask_rcnn.ModelConfig)
+  assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+             for f in fields)
+  missing = {f.name for f in fields} - set(defaults.model) - {"convention", "roi_align_impl"}
+  assert not missing, f"ModelConfig fields without a config_lib default: {sorted(missing)}"
+  # A config with an empty model section is the defaults' model.
+  bare = ml_collections.ConfigDict(dict(convention=config_lib.DEFAULT_CONVENTION, model={}))
+  full = mask_rcnn.ModelConfig.from_config(defaults)
+  assert mask_rcnn.ModelConfig.from_config(bare) == full
+  bare.model.num_classes = 3
+  assert mask_rcnn.ModelConfig.from_config(bare).num_classes == 3
+  bare.model.typo = 1
+  with pytest.raises(ValueError, match="model.typo"):
+    mask_rcnn.ModelConfig.from_config(bare)
+
+  params = inspect.signature(mask_rcnn.MaskRCNN.losses).parameters
+  for key in ("rpn_batch_per_image", "roi_batch_per_image", "rpn_positive_fraction",
+              "roi_positive_fraction"):
+    assert params[key].default == defaults.train[key] == config_lib.train_config()[key]
+
+  assert not hasattr(pipeline, "DATA_DEFAULTS")
+  empty = ml_collections.ConfigDict(dict(data={}))
+  for key, value in defaults.data.items():
+    assert pipeline.data_option(empty, key) == value

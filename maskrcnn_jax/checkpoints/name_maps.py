@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from maskrcnn_jax import conventions
 from maskrcnn_jax.checkpoints.torch_reader import CheckpointError
 from maskrcnn_jax.checkpoints.torch_reader import guess_framework
 
@@ -59,8 +60,6 @@ __all__ = [
 ]
 
 FRAMEWORKS = ('mmdet', 'detectron2', 'torchvision')
-_FRAMEWORK_ALIASES = {'mmdet': 'mmdet', 'mmdetection': 'mmdet', 'detectron2': 'detectron2',
-                      'd2': 'detectron2', 'torchvision': 'torchvision', 'tv': 'torchvision'}
 
 # parity_spec 2.2 / 2.4: bottleneck blocks per stage (res2..res5) for each depth.
 _BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -170,10 +169,11 @@ class ModelSpec:
 
 
 def canonical_framework(framework: str) -> str:
-  try:
-    return _FRAMEWORK_ALIASES[framework]
-  except KeyError:
-    raise ValueError(f'framework must be one of {FRAMEWORKS}, got {framework!r}') from None
+  """The framework's name in `FRAMEWORKS` (aliases: conventions.ALIASES); ValueError otherwise."""
+  name = conventions.canonical_name(framework)
+  if name not in FRAMEWORKS:
+    raise ValueError(f'framework must be one of {FRAMEWORKS}, got {framework!r}')
+  return name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,6 +141,15 @@ def ensure_builtin_dataset(cache_dir: Optional[Union[str, os.PathLike]] = None, 
   return _result(root)
 
 
+def from_config(config) -> Dict[str, Any]:
+  """`ensure_builtin_dataset` with the arguments in config.data.builtin (the train and evaluate
+  CLIs' built-in data set): a dict of num_train, num_val, image_size, seed (absent = `DEFAULTS`)
+  and optionally cache_dir ('' = `default_root()`); the same dict as `ensure_builtin_dataset`."""
+  kwargs = dict(config.data.get("builtin", None) or {})
+  cache_dir = kwargs.pop("cache_dir", None) or None
+  return ensure_builtin_dataset(cache_dir, **kwargs)
+
+
 def _remove_stale_temporaries(parent: str, name: str, max_age_s: float = 3600.0) -> None:
   """Deletes temporaries of killed generations (older than max_age_s; a live one takes < 1 min)."""
   now = time.time()

@@ -37,7 +37,6 @@ synchronously in the caller.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
 import os
@@ -388,63 +387,3 @@ class TrainLoader:
       self.close()
     except Exception:  # pylint: disable=broad-except
       pass
-
-
-def eval_batches(dataset: coco_lib.CocoDataset, config, *, batch_size: int,
-                 process_index: int = 0, process_count: int = 1,
-                 pad_to: Optional[Tuple[int, int]] = None,
-                 num_workers: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
-  """Evaluation batches of one process, in image-id order.
-
-  The sorted image ids (all of them, with or without annotations) are split into contiguous
-  per-process blocks; every process yields the same number of batches of `batch_size`, the tail
-  padded with copies of a placeholder flagged `example_valid=False`. An unreadable image is logged
-  (with its id and file) and also yields `example_valid=False` (its gt then counts as missed).
-
-  Yields:
-    `pipeline.batch_examples` of `pipeline.eval_example`s plus example_valid [B] bool.
-  """
-  ids = list(dataset.image_ids)
-  per_process = -(-len(ids) // process_count)
-  num_batches = -(-per_process // batch_size)
-  mine = ids[process_index * per_process:(process_index + 1) * per_process]
-  workers = int(pipeline.data_option(config, "num_workers") if num_workers is None
-                else num_workers)
-
-  def load(image_id):
-    try:
-      return pipeline.eval_example(dataset, image_id, config, pad_to=pad_to), True
-    except (OSError, coco_lib.DatasetError) as e:
-      logger.warning("evaluation: skipped %s: %s", _describe(dataset, image_id), e)
-      return None, False
-
-  def placeholder(like: Optional[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    div = int(pipeline.data_option(config, "size_divisibility"))
-    shape = like["image"].shape if like is not None else (
-        tuple(pad_to) + (3,) if pad_to is not None else (max(div, 1), max(div, 1), 3))
-    return dict(image=np.zeros(shape, np.float32), image_hw=np.ones(2, np.int32),
-                orig_hw=np.ones(2, np.int32), scale_factor=np.ones(2, np.float32),
-                image_id=np.array(-1, np.int64))
-
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
-  try:
-    for b in range(num_batches):
-      chunk = mine[b * batch_size:(b + 1) * batch_size]
-      results = list(pool.map(load, chunk)) if pool is not None else [load(i) for i in chunk]
-      like = next((r[0] for r in results if r[0] is not None), None)
-      examples, valid = [], []
-      for image_id, (ex, ok) in zip(chunk, results):
-        if not ok:
-          ex = placeholder(like)
-          ex["image_id"] = np.array(image_id, np.int64)
-        examples.append(ex)
-        valid.append(ok)
-      while len(examples) < batch_size:
-        examples.append(placeholder(like))
-        valid.append(False)
-      batch = pipeline.batch_examples(examples)
-      batch["example_valid"] = np.array(valid, bool)
-      yield batch
-  finally:
-    if pool is not None:
-      pool.shutdown(wait=True)

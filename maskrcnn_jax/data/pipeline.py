@@ -58,25 +58,25 @@ Training (`train_example`) runs one function per stage, for the recipe's convent
   orientation rounded up to `size_divisibility`: 800 x 1344 and 1344 x 800 for short 800 / max
   1333, where one square bucket would be 1344 x 1344.
 
-Evaluation (`eval_example`): `transforms.preprocess` with the test sizes, plus the image id,
-original size and scale factor (float32 images: evaluation keeps the host normalization).
+Evaluation does not come through here: it reads its images with `evaluation.host.load_image`
+(`transforms.preprocess` with `transforms.preprocess_kwargs`).
 
-Config fields read from `config.data` (defaults in `DATA_DEFAULTS` when absent):
+Config fields read from `config.data` (`config_lib.defaults()` when absent):
   train_short (tuple of ints), train_short_mode ('choice' | 'range'), train_max_size,
-  train_buckets (tuple of (H, W); empty = the landscape / portrait pair), test_short,
-  test_max_size, test_buckets, size_divisibility, max_instances, gt_mask_size, flip_prob,
-  train_filter_empty, num_workers.
+  train_buckets (tuple of (H, W); empty = the landscape / portrait pair), size_divisibility,
+  max_instances, gt_mask_size, flip_prob, train_filter_empty, num_workers.
 and from `config.model`: pixel_mean, pixel_std, to_rgb, input_scale; `config.convention`.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
+from maskrcnn_jax import config_lib
 from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax import errors
 from maskrcnn_jax.data import coco as coco_lib
@@ -85,35 +85,12 @@ from maskrcnn_jax.data import transforms
 
 logger = logging.getLogger(__name__)
 
-DATA_DEFAULTS = dict(
-    train_short=(800,),
-    train_short_mode="choice",
-    train_max_size=1333,
-    train_buckets=(),
-    test_short=800,
-    test_max_size=1333,
-    test_buckets=(),
-    size_divisibility=32,
-    max_instances=100,
-    gt_mask_size=112,
-    flip_prob=0.5,
-    train_filter_empty=True,
-    num_workers=2,
-)
-
-
 def data_option(config, name: str):
-  """config.data.<name>, or `DATA_DEFAULTS[name]` when the config does not have it."""
+  """config.data.<name>, or its default (`config_lib.defaults().data`) when the config lacks it."""
   data = getattr(config, "data", None)
   if data is not None and name in data:
     return data[name]
-  return DATA_DEFAULTS[name]
-
-
-def _pixel_kwargs(config) -> Dict[str, Any]:
-  m = config.model
-  return dict(pixel_mean=tuple(m.pixel_mean), pixel_std=tuple(m.pixel_std), to_rgb=bool(m.to_rgb),
-              input_scale=float(m.input_scale))
+  return config_lib.defaults().data[name]
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -127,7 +104,7 @@ def device_normalization(config) -> Optional[Tuple[np.ndarray, np.ndarray]]:
   conv = conventions_lib.get(config.convention)
   if conv.normalize_before_resize:
     return None
-  return transforms.normalization_table(convention=conv, **_pixel_kwargs(config))
+  return transforms.normalization_table(convention=conv, **transforms.pixel_kwargs(config))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -268,7 +245,7 @@ def normalized_float_image(image: np.ndarray, short: int, config,
                            convention: conventions_lib.Convention) -> np.ndarray:
   """torchvision's order, normalize then resize the float image (parity_spec 3.3; exactly
   `transforms.preprocess`): [H, W, 3] uint8 -> [new_h, new_w, 3] float32."""
-  pre = transforms.preprocess(image, convention=convention, **_pixel_kwargs(config), short=short,
+  pre = transforms.preprocess(image, convention=convention, **transforms.pixel_kwargs(config), short=short,
                               max_size=int(data_option(config, "train_max_size")),
                               size_divisibility=1)
   return pre["image"]
@@ -382,42 +359,6 @@ def train_example(dataset: coco_lib.CocoDataset, image_id: int, config, *,
   targets = instance_targets(dataset, image_id, orig_hw, new_hw, flip, config)
   return dict(image=out_image, image_hw=np.array(new_hw, np.int32),
               image_id=np.array(image_id, np.int64), flipped=np.array(flip), **targets)
-
-
-def eval_example(dataset: coco_lib.CocoDataset, image_id: int, config, *,
-                 pad_to: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
-  """One evaluation example: `transforms.preprocess` at the test size, exactly.
-
-  Args:
-    dataset, image_id, config: as `train_example`.
-    pad_to: optional (H, W) to pad to; default: the smallest of config.data.test_buckets that fits,
-      else the resized size rounded up to size_divisibility.
-
-  Returns:
-    dict with image [Hp, Wp, 3] float32; image_hw [2] int32 (resized, unpadded); orig_hw [2] int32;
-    scale_factor [2] float32 (new_w / W, new_h / H); image_id [] int64.
-  """
-  image = dataset.read_image(image_id)
-  conv = dataset.convention
-  short = int(data_option(config, "test_short"))
-  max_size = int(data_option(config, "test_max_size"))
-  if pad_to is None:
-    buckets = data_option(config, "test_buckets")
-    if buckets:
-      new_hw = transforms.test_resize_size(*image.shape[:2], rule=conv.resize, short=short,
-                                           max_size=max_size)
-      pad_to = choose_bucket(new_hw, buckets)
-  pre = transforms.preprocess(image, convention=conv, **_pixel_kwargs(config), short=short,
-                              max_size=max_size,
-                              size_divisibility=int(data_option(config, "size_divisibility")),
-                              pad_to=pad_to)
-  return dict(
-      image=pre["image"],
-      image_hw=np.array(pre["image_hw"], np.int32),
-      orig_hw=np.array(pre["orig_hw"], np.int32),
-      scale_factor=pre["scale_factor"],
-      image_id=np.array(image_id, np.int64),
-  )
 
 
 def batch_examples(examples: List[Dict[str, np.ndarray]],

@@ -29,7 +29,6 @@ from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax import errors
 from maskrcnn_jax.ops.resample import torch_upsample_bilinear
 
-_ALIASES = {"d2": "detectron2", "tv": "torchvision", "mm": "mmdet", "mmdetection": "mmdet"}
 
 
 class ImageReadError(errors.UserError, OSError):
@@ -39,7 +38,7 @@ class ImageReadError(errors.UserError, OSError):
 def _convention(convention: Union[str, conventions_lib.Convention]) -> conventions_lib.Convention:
   if isinstance(convention, conventions_lib.Convention):
     return convention
-  return conventions_lib.get(_ALIASES.get(convention, convention))
+  return conventions_lib.get(convention)
 
 
 def decoder_is_rgb(convention: Union[str, conventions_lib.Convention]) -> bool:
@@ -151,7 +150,7 @@ def test_resize_size(h: int, w: int, *, rule: str, short: int = 800,
       s = min(short/min(h,w), max_size/max(h,w)) in float64; new = floor(x * s). The float64 scale
       matches golden/resize.npz for all 35 inputs (a float32 scale would be 1 px smaller on 14).
   """
-  rule = _ALIASES.get(rule, rule)
+  rule = conventions_lib.canonical_name(rule)
   h, w = int(h), int(w)
   if h <= 0 or w <= 0:
     raise ValueError(f"image size must be positive, got {(h, w)}")
@@ -197,7 +196,7 @@ def resize_image(image: np.ndarray, out_hw: Sequence[int], *, rule: str,
   Returns:
     mmdet / detectron2: [new_h, new_w, 3] uint8; torchvision: [3, new_h, new_w] float32.
   """
-  rule = _ALIASES.get(rule, rule)
+  rule = conventions_lib.canonical_name(rule)
   oh, ow = int(out_hw[0]), int(out_hw[1])
   if rule == "mmdet":
     return cv2.resize(np.ascontiguousarray(image), (ow, oh), interpolation=cv2.INTER_LINEAR)
@@ -289,6 +288,25 @@ def normalization_table(*, convention: Union[str, conventions_lib.Convention],
   flip = bool(to_rgb) != decoder_is_rgb(_convention(convention))
   source = np.array([2, 1, 0] if flip else [0, 1, 2], np.int32)
   return np.ascontiguousarray(table.reshape(256, 3), np.float32), source
+
+
+def pixel_kwargs(config) -> Dict[str, Any]:
+  """config.model's pixel statistics as `preprocess` / `normalize_resized` /
+  `normalization_table` keyword arguments: pixel_mean, pixel_std (3-tuples of float), to_rgb
+  (bool), input_scale (float); plain Python values, which pickle into worker processes."""
+  m = config.model
+  return dict(pixel_mean=tuple(float(v) for v in m.pixel_mean),
+              pixel_std=tuple(float(v) for v in m.pixel_std), to_rgb=bool(m.to_rgb),
+              input_scale=float(m.input_scale))
+
+
+def preprocess_kwargs(config) -> Dict[str, Any]:
+  """Every `preprocess` keyword argument of a config's test pipeline (predict, evaluate and
+  training's evaluations): convention (str), `pixel_kwargs`, short / max_size
+  (config.data.test_short / test_max_size) and size_divisibility (ints); plain Python values."""
+  return dict(convention=str(config.convention), **pixel_kwargs(config),
+              short=int(config.data.test_short), max_size=int(config.data.test_max_size),
+              size_divisibility=int(config.data.size_divisibility))
 
 
 def preprocess(image_uint8: np.ndarray, *, convention: Union[str, conventions_lib.Convention],

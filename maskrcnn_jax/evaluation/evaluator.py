@@ -55,7 +55,7 @@ from maskrcnn_jax import errors
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.evaluation import coco_eval, host
 from maskrcnn_jax.modeling.mask_rcnn import MaskRCNN, ModelConfig
-from maskrcnn_jax.ops import paste_device, paste_plan
+from maskrcnn_jax.ops import paste as paste_lib, paste_device, paste_plan
 
 _INPUT_KEYS = ("image", "image_hw", "orig_hw", "scale_factor")
 _GATHER_CHUNK = 1 << 26  # bytes per process_allgather call
@@ -249,6 +249,258 @@ def _sharded_forward(model_cfg: ModelConfig, precision: Any, mesh: Mesh):
                  out_shardings=data)
 
 
+# ---- the steps of `run_inference` -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotLayout:
+  """The slots (rows) of a global batch that this process's devices hold."""
+  global_batch: int
+  sharding: NamedSharding  # P('data') over the mesh: the batch axis of inputs and outputs
+  device_slots: Dict[Any, range]  # addressable device -> the slots it holds
+  local_slots: Tuple[int, ...]  # every slot this process holds, ascending
+  row_of: Dict[int, int]  # slot -> its row in this process's local input arrays
+
+
+def slot_layout(mesh: Mesh, global_batch: int) -> SlotLayout:
+  """Which slots of a [global_batch] batch sharded on the mesh's 'data' axis this process holds
+  (several devices may hold the same slot when other mesh axes hold replicas)."""
+  sharding = NamedSharding(mesh, P("data"))
+  slot_map = sharding.addressable_devices_indices_map((global_batch,))
+  device_slots = {d: range(*idx[0].indices(global_batch)) for d, idx in slot_map.items()}
+  local_slots = tuple(sorted({s for r in device_slots.values() for s in r}))
+  return SlotLayout(global_batch, sharding, device_slots, local_slots,
+                    {s: r for r, s in enumerate(local_slots)})
+
+
+def submit_loads(pool: concurrent.futures.Executor, batch: Batch, layout: SlotLayout,
+                 kwargs: Dict[str, Any]) -> List[Optional[concurrent.futures.Future]]:
+  """Starts decoding and preprocessing the images of this process's slots of `batch` on `pool`.
+
+  Returns one entry per `layout.local_slots`: a Future of `host.load_image`'s dict (image
+  [Hp, Wp, 3] float32 padded to `batch.padded_hw`, image_hw, orig_hw, scale_factor [2] float32,
+  seconds), or None for a dummy slot.
+  """
+  futures = []
+  for slot in layout.local_slots:
+    im = batch.images[slot]
+    futures.append(None if im is None else pool.submit(
+        host.load_image, im.path, kwargs, batch.padded_hw, im.hw))
+  return futures
+
+
+def dummy_input(hw: Tuple[int, int]) -> Dict[str, Any]:
+  """The inputs of an empty slot: image [H, W, 3] float32 zeros, image_hw = orig_hw = (H, W),
+  scale_factor [2] float32 ones (its detections are dropped)."""
+  return dict(image=np.zeros((hw[0], hw[1], 3), np.float32), image_hw=hw, orig_hw=hw,
+              scale_factor=np.ones(2, np.float32))
+
+
+def global_inputs(batch: Batch, futures: Sequence[Optional[concurrent.futures.Future]],
+                  layout: SlotLayout, stats: InferenceStats) -> List[jax.Array]:
+  """The model inputs of a global batch, in `_INPUT_KEYS` order, as global arrays sharded on
+  'data': image [B, Hp, Wp, 3] float32, image_hw and orig_hw [B, 2] int32, scale_factor [B, 2]
+  float32 (B = global batch); this process supplies the rows of its own slots (`futures`, as
+  `submit_loads` returned them)."""
+  t0 = time.perf_counter()
+  loaded = []
+  for f in futures:
+    if f is None:
+      loaded.append(dummy_input(batch.padded_hw))
+    else:
+      item = f.result()
+      stats.load_cpu += item.pop("seconds")
+      loaded.append(item)
+  stats.wait_load += time.perf_counter() - t0
+  local = {
+      "image": np.stack([x["image"] for x in loaded]),
+      "image_hw": np.asarray([x["image_hw"] for x in loaded], np.int32).reshape(-1, 2),
+      "orig_hw": np.asarray([x["orig_hw"] for x in loaded], np.int32).reshape(-1, 2),
+      "scale_factor": np.asarray([x["scale_factor"] for x in loaded], np.float32).reshape(-1, 2),
+  }
+  out = []
+  for key in _INPUT_KEYS:
+    arr = local[key]
+    shards = [jax.device_put(arr[[layout.row_of[s] for s in slots]], d)
+              for d, slots in layout.device_slots.items()]
+    out.append(jax.make_array_from_single_device_arrays(
+        (layout.global_batch,) + arr.shape[1:], layout.sharding, shards))
+  return out
+
+
+def fetch_outputs(out: Dict[str, jax.Array], global_batch: int, stats: InferenceStats, *,
+                  skip: Sequence[str] = ()) -> Dict[str, Dict[int, np.ndarray]]:
+  """This process's rows of the model's outputs on the host, {key: {slot: row}} (each row the
+  slot's fixed-size detections, e.g. boxes [D, 4] float32, valid [D] bool); keys in `skip` stay on
+  the device (the device paste's mask_probs)."""
+  t0 = time.perf_counter()
+  host_out: Dict[str, Dict[int, np.ndarray]] = {}
+  for key, arr in out.items():
+    if key in skip:
+      continue
+    rows = {}
+    for shard in arr.addressable_shards:
+      data = np.asarray(shard.data)
+      for j, slot in enumerate(range(*shard.index[0].indices(global_batch))):
+        rows[slot] = data[j]
+    host_out[key] = rows
+  stats.wait_device += time.perf_counter() - t0
+  return host_out
+
+
+def base_job(im: EvalImage, host_out: Dict[str, Dict[int, np.ndarray]], slot: int,
+             convention: str, table: np.ndarray) -> Tuple[Dict[str, Any], np.ndarray]:
+  """The paste / RLE job of one image, without its masks, and `keep`: [K] int64 indices of the
+  slot's valid detections. The job holds image_id, orig_hw, convention, category_ids (`table`)
+  and the valid boxes [K, 4] float32, scores [K] float32, labels [K] int32 (and mask_scores [K]
+  float32 for Mask Scoring R-CNN)."""
+  keep = np.flatnonzero(host_out["valid"][slot])
+  job = dict(image_id=im.image_id, orig_hw=im.hw, convention=convention, category_ids=table,
+             **{k: host_out[k][slot][keep] for k in ("boxes", "scores", "labels")})
+  if "mask_scores" in host_out:
+    job["mask_scores"] = host_out["mask_scores"][slot][keep]
+  return job, keep
+
+
+class ResultCollector:
+  """Runs each image's paste / RLE job on a worker pool (in this thread without one) and keeps the
+  COCO results by image id; `drain` bounds the jobs in flight (backpressure on the main loop)."""
+
+  def __init__(self, executor: Optional[concurrent.futures.Executor], max_pending: int,
+               stats: InferenceStats):
+    self.executor = executor
+    self.max_pending = max_pending
+    self.stats = stats
+    self.per_image: Dict[int, List[Dict[str, Any]]] = {}
+    self.pending: collections.deque = collections.deque()
+
+  def submit(self, fn: Callable[[Dict[str, Any]], Tuple[int, List[Dict[str, Any]], float]],
+             job: Dict[str, Any]) -> None:
+    """Starts `fn(job)` -> (image_id, COCO result dicts, seconds) (`host.paste_and_encode` or
+    `host.encode_tiles`)."""
+    if self.executor is None:
+      self._take(_Done(fn(job)))
+    else:
+      self.pending.append(self.executor.submit(fn, job))
+    self.stats.local_images += 1
+
+  def drain(self, limit: Optional[int] = None) -> None:
+    """Collects the finished jobs, and waits for the oldest while more than `limit` (default
+    `max_pending`; 0 = all) are in flight."""
+    limit = self.max_pending if limit is None else limit
+    t0 = time.perf_counter()
+    while self.pending and (len(self.pending) > limit or self.pending[0].done()):
+      self._take(self.pending.popleft())
+    self.stats.wait_paste += time.perf_counter() - t0
+
+  def _take(self, future) -> None:
+    image_id, entries, seconds = future.result()
+    self.stats.paste_cpu += seconds
+    self.per_image[image_id] = entries
+
+
+@dataclasses.dataclass
+class OutputContext:
+  """What handling a batch's outputs needs (one `run_inference` call)."""
+  layout: SlotLayout
+  convention: str
+  table: np.ndarray  # [L] label -> category id
+  paste: str  # 'device' | 'host'
+  paste_args: Dict[str, Any]  # `paste.convention_args`
+  paste_chunk_tiles: int
+  stats: InferenceStats
+  results: ResultCollector
+  # Device paste: the started pastes of the batch whose tiles are not collected yet.
+  deferred: List[Any] = dataclasses.field(default_factory=list)
+
+
+def host_paste(batch: Batch, out: Dict[str, jax.Array], ctx: OutputContext) -> None:
+  """Brings the outputs, mask_probs [B, D, M, M] float32 included, to the host and hands each
+  image's valid detections to the paste / RLE workers (`host.paste_and_encode`)."""
+  host_out = fetch_outputs(out, ctx.layout.global_batch, ctx.stats)
+  for slot in ctx.layout.local_slots:
+    im = batch.images[slot]
+    if im is None:
+      continue
+    job, keep = base_job(im, host_out, slot, ctx.convention, ctx.table)
+    job.update(paste_boxes=host_out["paste_boxes"][slot][keep],
+               mask_probs=host_out["mask_probs"][slot][keep])
+    ctx.results.submit(host.paste_and_encode, job)
+  ctx.results.drain()
+
+
+def start_device_paste(batch: Batch, out: Dict[str, jax.Array], ctx: OutputContext
+                       ) -> List[Tuple[paste_plan.TilePlan, List[jax.Array],
+                                       List[Tuple[Dict[str, Any], int]]]]:
+  """Fetches the small outputs and starts the paste on each local device (asynchronous).
+
+  Returns, per device shard with real images: (its tile plan, the dispatched packed tile chunks,
+  [(job, number of valid detections)] of its images in plan order).
+  """
+  host_out = fetch_outputs(out, ctx.layout.global_batch, ctx.stats, skip=("mask_probs",))
+  boxes_on = {shard.device: shard for shard in out["paste_boxes"].addressable_shards}
+  started, seen = [], set()
+  for shard in out["mask_probs"].addressable_shards:
+    per_slot = shard.data.shape[1]  # detections per image
+    det_index, boxes, hws, owners = [], [], [], []
+    for j, slot in enumerate(range(*shard.index[0].indices(ctx.layout.global_batch))):
+      im = batch.images[slot]
+      if im is None or slot in seen:  # a dummy slot, or a replica of one already pasted
+        continue
+      seen.add(slot)
+      job, keep = base_job(im, host_out, slot, ctx.convention, ctx.table)
+      det_index.append(j * per_slot + keep)
+      boxes.append(host_out["paste_boxes"][slot][keep])
+      hws.append(np.broadcast_to(np.asarray(im.hw), (len(keep), 2)))
+      owners.append((job, len(keep)))
+    if not owners:
+      continue
+    plan = paste_plan.plan_tiles(np.concatenate(det_index), np.concatenate(boxes),
+                                 np.concatenate(hws), method=ctx.paste_args["method"],
+                                 mask_size=int(shard.data.shape[-1]))
+    chunks = paste_device.dispatch(
+        plan, shard.data, boxes_on[shard.device].data, **ctx.paste_args,
+        chunk_tiles=ctx.paste_chunk_tiles, device=shard.device)
+    started.append((plan, chunks, owners))
+  return started
+
+
+def finish_device_paste(started, ctx: OutputContext) -> None:
+  """Collects the pasted tiles of a batch (`start_device_paste`'s result) and hands each image's
+  tiles to the RLE workers (`host.encode_tiles`)."""
+  for plan, chunks, owners in started:
+    t0 = time.perf_counter()
+    tiles = paste_device.gather_packed(plan, chunks)
+    ctx.stats.wait_paste_device += time.perf_counter() - t0
+    ctx.stats.paste_bytes += tiles.nbytes
+    d0 = 0
+    for job, n in owners:
+      t_lo, t_hi = plan.first[d0], plan.first[d0 + n]
+      job.update(windows=plan.windows[d0:d0 + n], grid=plan.grid[d0:d0 + n],
+                 first=plan.first[d0:d0 + n + 1] - t_lo, tiles=tiles[t_lo:t_hi])
+      ctx.results.submit(host.encode_tiles, job)
+      d0 += n
+  ctx.results.drain()
+
+
+def handle_outputs(batch: Batch, out: Dict[str, jax.Array], ctx: OutputContext) -> None:
+  """Pastes and encodes a batch's detections. Device paste: batch k's tiles are collected after
+  batch k + 1's paste was started, so the device always has queued work while the host waits."""
+  if ctx.paste == "host":
+    host_paste(batch, out, ctx)
+    return
+  ctx.deferred.append(start_device_paste(batch, out, ctx))
+  if len(ctx.deferred) > 1:
+    finish_device_paste(ctx.deferred.pop(0), ctx)
+
+
+def finish_outputs(ctx: OutputContext) -> None:
+  """Collects the last device pastes and waits for every paste / RLE job."""
+  while ctx.deferred:
+    finish_device_paste(ctx.deferred.pop(0), ctx)
+  ctx.results.drain(0)
+
+
 def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Sequence[EvalImage],
                   table: np.ndarray, *, batch_size_per_device: int = 1, num_workers: int = 2,
                   num_loader_threads: int = 4, pad_multiple: Optional[int] = None,
@@ -305,18 +557,10 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
   stats.batches = len(batches)
   stats.compiles = len({b.padded_hw for b in batches})
 
-  data_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
-  slot_map = data_sharding.addressable_devices_indices_map((global_batch,))
-  device_slots = {d: range(*idx[0].indices(global_batch)) for d, idx in slot_map.items()}
-  local_slots = sorted({s for r in device_slots.values() for s in r})
-  row_of = {s: r for r, s in enumerate(local_slots)}
-
+  layout = slot_layout(mesh, global_batch)
   forward = _sharded_forward(ModelConfig.from_config(config), precision, mesh)
-  variables = jax.device_put(variables, replicated)
-  kwargs = host.preprocess_kwargs(config)
-  convention = str(config.convention)
-  conv = conventions_lib.get(convention)
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))
+  kwargs = transforms.preprocess_kwargs(config)
   log(f"evaluating {len(images)} images on {num_devices} device(s) in {jax.process_count()} "
       f"process(es): {len(batches)} batches of {global_batch}, {stats.compiles} padded sizes "
       f"(multiples of {pad_multiple})")
@@ -326,174 +570,23 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
     own_pool = executor = concurrent.futures.ProcessPoolExecutor(
         num_workers, mp_context=multiprocessing.get_context("spawn"))
   loader = concurrent.futures.ThreadPoolExecutor(max(int(num_loader_threads), 1))
-
-  def submit_loads(batch: Batch):
-    futures = []
-    for slot in local_slots:
-      im = batch.images[slot]
-      futures.append(None if im is None else loader.submit(
-          host.load_image, im.path, kwargs, batch.padded_hw, im.hw))
-    return futures
-
-  def dummy(hw):
-    return dict(image=np.zeros((hw[0], hw[1], 3), np.float32), image_hw=hw, orig_hw=hw,
-                scale_factor=np.ones(2, np.float32))
-
-  def global_inputs(batch: Batch, futures):
-    t0 = time.perf_counter()
-    loaded = []
-    for f in futures:
-      if f is None:
-        loaded.append(dummy(batch.padded_hw))
-      else:
-        item = f.result()
-        stats.load_cpu += item.pop("seconds")
-        loaded.append(item)
-    stats.wait_load += time.perf_counter() - t0
-    local = {
-        "image": np.stack([x["image"] for x in loaded]),
-        "image_hw": np.asarray([x["image_hw"] for x in loaded], np.int32).reshape(-1, 2),
-        "orig_hw": np.asarray([x["orig_hw"] for x in loaded], np.int32).reshape(-1, 2),
-        "scale_factor": np.asarray([x["scale_factor"] for x in loaded],
-                                   np.float32).reshape(-1, 2),
-    }
-    out = []
-    for key in _INPUT_KEYS:
-      arr = local[key]
-      shards = [jax.device_put(arr[[row_of[s] for s in slots]], d)
-                for d, slots in device_slots.items()]
-      out.append(jax.make_array_from_single_device_arrays(
-          (global_batch,) + arr.shape[1:], data_sharding, shards))
-    return out
-
-  per_image: Dict[int, List[Dict[str, Any]]] = {}
-  pending: collections.deque = collections.deque()
-  max_pending = max(4 * max(num_workers, 1) * len(local_slots), 16)
-
-  def take_paste(fut):
-    image_id, entries, seconds = fut.result()
-    stats.paste_cpu += seconds
-    per_image[image_id] = entries
-
-  def drain(limit: int):
-    t0 = time.perf_counter()
-    while pending and (len(pending) > limit or pending[0].done()):
-      take_paste(pending.popleft())
-    stats.wait_paste += time.perf_counter() - t0
-
-  def submit(fn, job):
-    if executor is None:
-      take_paste(_Done(fn(job)))
-    else:
-      pending.append(executor.submit(fn, job))
-    stats.local_images += 1
-
-  def fetch(out) -> Dict[str, Dict[int, np.ndarray]]:
-    """This process's rows of the outputs on the host, by slot (device paste: no mask_probs)."""
-    t0 = time.perf_counter()
-    host_out: Dict[str, Dict[int, np.ndarray]] = {}
-    for key, arr in out.items():
-      if paste == "device" and key == "mask_probs":
-        continue
-      rows = {}
-      for shard in arr.addressable_shards:
-        data = np.asarray(shard.data)
-        for j, slot in enumerate(range(*shard.index[0].indices(global_batch))):
-          rows[slot] = data[j]
-      host_out[key] = rows
-    stats.wait_device += time.perf_counter() - t0
-    return host_out
-
-  def base_job(im: EvalImage, host_out, slot: int) -> Tuple[Dict[str, Any], np.ndarray]:
-    keep = np.flatnonzero(host_out["valid"][slot])
-    job = dict(image_id=im.image_id, orig_hw=im.hw, convention=convention, category_ids=table,
-               **{k: host_out[k][slot][keep] for k in ("boxes", "scores", "labels")})
-    if "mask_scores" in host_out:
-      job["mask_scores"] = host_out["mask_scores"][slot][keep]
-    return job, keep
-
-  def handle_host_paste(batch: Batch, out):
-    host_out = fetch(out)
-    for slot in local_slots:
-      im = batch.images[slot]
-      if im is None:
-        continue
-      job, keep = base_job(im, host_out, slot)
-      job.update(paste_boxes=host_out["paste_boxes"][slot][keep],
-                 mask_probs=host_out["mask_probs"][slot][keep])
-      submit(host.paste_and_encode, job)
-    drain(max_pending)
-
-  def start_device_paste(batch: Batch, out):
-    """Fetches the small outputs and starts the paste on each local device (asynchronous)."""
-    host_out = fetch(out)
-    boxes_on = {shard.device: shard for shard in out["paste_boxes"].addressable_shards}
-    started, seen = [], set()
-    for shard in out["mask_probs"].addressable_shards:
-      per_slot = shard.data.shape[1]  # detections per image
-      det_index, boxes, hws, owners = [], [], [], []
-      for j, slot in enumerate(range(*shard.index[0].indices(global_batch))):
-        im = batch.images[slot]
-        if im is None or slot in seen:  # a dummy slot, or a replica of one already pasted
-          continue
-        seen.add(slot)
-        job, keep = base_job(im, host_out, slot)
-        det_index.append(j * per_slot + keep)
-        boxes.append(host_out["paste_boxes"][slot][keep])
-        hws.append(np.broadcast_to(np.asarray(im.hw), (len(keep), 2)))
-        owners.append((job, len(keep)))
-      if not owners:
-        continue
-      plan = paste_plan.plan_tiles(np.concatenate(det_index), np.concatenate(boxes),
-                                   np.concatenate(hws), method=conv.paste,
-                                   mask_size=int(shard.data.shape[-1]))
-      chunks = paste_device.dispatch(
-          plan, shard.data, boxes_on[shard.device].data, method=conv.paste,
-          inclusive=conv.mask_threshold_inclusive, chunk_tiles=paste_chunk_tiles,
-          device=shard.device)
-      started.append((plan, chunks, owners))
-    return started
-
-  def finish_device_paste(started):
-    """Collects the pasted tiles of a batch and hands each image to the RLE workers."""
-    for plan, chunks, owners in started:
-      t0 = time.perf_counter()
-      tiles = paste_device.gather_packed(plan, chunks)
-      stats.wait_paste_device += time.perf_counter() - t0
-      stats.paste_bytes += tiles.nbytes
-      d0 = 0
-      for job, n in owners:
-        t_lo, t_hi = plan.first[d0], plan.first[d0 + n]
-        job.update(windows=plan.windows[d0:d0 + n], grid=plan.grid[d0:d0 + n],
-                   first=plan.first[d0:d0 + n + 1] - t_lo, tiles=tiles[t_lo:t_hi])
-        submit(host.encode_tiles, job)
-        d0 += n
-    drain(max_pending)
-
-  # Device paste: batch k's tiles are collected after batch k + 1's paste was started, so the
-  # device always has queued work while the host waits.
-  deferred: List[Any] = []
-
-  def handle_outputs(batch: Batch, out):
-    if paste == "host":
-      handle_host_paste(batch, out)
-      return
-    deferred.append(start_device_paste(batch, out))
-    if len(deferred) > 1:
-      finish_device_paste(deferred.pop(0))
-
+  max_pending = max(4 * max(num_workers, 1) * len(layout.local_slots), 16)
+  ctx = OutputContext(layout=layout, convention=str(config.convention), table=table, paste=paste,
+                      paste_args=paste_lib.convention_args(str(config.convention)),
+                      paste_chunk_tiles=paste_chunk_tiles, stats=stats,
+                      results=ResultCollector(executor, max_pending, stats))
   prefetch = 2
   try:
-    loads = collections.deque(submit_loads(b) for b in batches[:prefetch])
+    loads = collections.deque(submit_loads(loader, b, layout, kwargs) for b in batches[:prefetch])
     in_flight = None
     done_images, last_log = 0, time.perf_counter()
     for k, batch in enumerate(batches):
-      inputs = global_inputs(batch, loads.popleft())
+      inputs = global_inputs(batch, loads.popleft(), layout, stats)
       if k + prefetch < len(batches):
-        loads.append(submit_loads(batches[k + prefetch]))
+        loads.append(submit_loads(loader, batches[k + prefetch], layout, kwargs))
       out = forward(variables, *inputs)  # asynchronous dispatch
-      if in_flight is not None:
-        handle_outputs(*in_flight)
+      if in_flight is not None:  # the previous batch's outputs, while this one runs
+        handle_outputs(*in_flight, ctx)
         done_images += sum(im is not None for im in in_flight[0].images)
       in_flight = (batch, out)
       now = time.perf_counter()
@@ -503,16 +596,14 @@ def run_inference(config: ml_collections.ConfigDict, variables: Any, images: Seq
             f"ETA {_fmt_eta((len(images) - done_images) / rate)}")
         last_log = now
     if in_flight is not None:
-      handle_outputs(*in_flight)
-    while deferred:
-      finish_device_paste(deferred.pop(0))
-    drain(0)
+      handle_outputs(*in_flight, ctx)
+    finish_outputs(ctx)
   finally:
     loader.shutdown(wait=False, cancel_futures=True)
     if own_pool is not None:
       own_pool.shutdown(wait=True, cancel_futures=True)
   t0 = time.perf_counter()
-  results = gather_results(per_image)
+  results = gather_results(ctx.results.per_image)
   stats.gather = time.perf_counter() - t0
   stats.wall = time.perf_counter() - t_start
   log(f"inference done: {len(images)} images in {stats.wall:.1f} s "

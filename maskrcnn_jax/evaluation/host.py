@@ -29,21 +29,6 @@ from maskrcnn_jax.ops import paste as paste_lib
 from maskrcnn_jax.ops import paste_plan
 
 
-def preprocess_kwargs(config) -> Dict[str, Any]:
-  """The keyword arguments of `transforms.preprocess` for a config's test pipeline.
-
-  The same values as `inference.preprocess_image` (checked by tests/evaluation), as plain Python
-  values that pickle into worker processes without the config.
-  """
-  m = config.model
-  return dict(
-      convention=str(config.convention), pixel_mean=tuple(float(v) for v in m.pixel_mean),
-      pixel_std=tuple(float(v) for v in m.pixel_std), to_rgb=bool(m.to_rgb),
-      input_scale=float(m.input_scale), short=int(config.data.test_short),
-      max_size=int(config.data.test_max_size),
-      size_divisibility=int(config.data.size_divisibility))
-
-
 class ImageSizeMismatchError(errors.UserError, ValueError):
   """A decoded image's size differs from the width/height its annotation file records."""
 
@@ -54,7 +39,7 @@ def load_image(path: str, kwargs: Dict[str, Any], pad_to: Sequence[int],
 
   Args:
     path: image file.
-    kwargs: `preprocess_kwargs(config)`.
+    kwargs: `transforms.preprocess_kwargs(config)`.
     pad_to: (Hp, Wp) the padded size of the image's batch.
     expected_hw: (H, W) from the annotation file; a decoded image of another size raises
       `ImageSizeMismatchError` naming the file (the batch plan was made from these sizes, and
@@ -131,7 +116,7 @@ def paste_window(prob: np.ndarray, box: np.ndarray, image_hw: Sequence[int],
                  conv: conventions_lib.Convention) -> Tuple[int, int, np.ndarray]:
   """The binary mask of one detection inside its paste window (the convention's algorithm).
 
-  Same rule as `inference.paste_masks` (parity_spec 3.13): grid_sample (mmdet / detectron2) with
+  The rule of `paste.convention_args` (parity_spec 3.13): grid_sample (mmdet / detectron2) with
   threshold 0.5 (>= for both), or torchvision's legacy paste binarized with > 0.5.
 
   Args:
@@ -143,8 +128,7 @@ def paste_window(prob: np.ndarray, box: np.ndarray, image_hw: Sequence[int],
   Returns:
     (y0, x0, window [h, w] bool).
   """
-  return paste_lib.paste_mask(prob, box, image_hw, conv.paste, 0.5,
-                              conv.mask_threshold_inclusive)
+  return paste_lib.paste_mask(prob, box, image_hw, **paste_lib.convention_args(conv))
 
 
 def _entries(job: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], Tuple[int, int]]:

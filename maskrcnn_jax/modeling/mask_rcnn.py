@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from maskrcnn_jax import config_lib
 from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax import errors
 from maskrcnn_jax.modeling import heads, roi_heads as roi_heads_lib, rpn as rpn_lib
@@ -35,58 +36,70 @@ LEVELS = ("p2", "p3", "p4", "p5", "p6")
 ARCHS = ("FPN", "C4", "DC5")
 
 
+# config.model keys that are not model hyper-parameters.
+_HOST_KEYS = (
+    "pixel_mean", "pixel_std", "to_rgb", "input_scale",  # host-side preprocessing
+    "dtype",  # compute dtype: the trainer casts the image (training/train_state.py)
+    "backbone_init",  # the ImageNet file training starts from (training/checkpointing.py)
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The static hyper-parameters of the model (hashable; read from config.model)."""
-  convention: str = "detectron2"
-  arch: str = "FPN"  # 'FPN' | 'C4' | 'DC5' (module docstring)
-  depth: int = 50
-  groups: int = 1
-  width_per_group: int = 64
-  stride_in_1x1: bool = False
+  """The static hyper-parameters of the model (hashable; read from config.model).
+
+  No field has a default here: `from_config` takes the ones a config lacks from
+  `config_lib.defaults()`, the one place defaults are written (config_lib.mask_rcnn documents them).
+  """
+  convention: str
+  arch: str  # 'FPN' | 'C4' | 'DC5' (module docstring)
+  depth: int
+  groups: int
+  width_per_group: int
+  stride_in_1x1: bool
   # detectron2 RESNETS.STEM_OUT_CHANNELS / RES2_OUT_CHANNELS (narrow models: configs/quickstart.py).
-  stem_out_channels: int = 64
-  res2_out_channels: int = 256
-  norm: str = "frozen_bn"
+  stem_out_channels: int
+  res2_out_channels: int
+  norm: str
   # None (the recipes' default): the convention's `bn_eps`; a converted checkpoint records its
   # own (checkpoints/provenance.py), which predict / evaluate / config.init fill in first.
-  norm_eps: Optional[float] = None
-  freeze_at: int = 2
-  fpn_norm: str = ""
-  fpn_channels: int = 256
-  anchor_sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)
-  anchor_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
-  anchor_strides: Tuple[int, ...] = (4, 8, 16, 32, 64)
-  rpn_num_convs: int = 1
-  rpn_pre_nms_topk_test: int = 1000
-  rpn_post_nms_topk_test: int = 1000
-  rpn_pre_nms_topk_train: int = 2000
-  rpn_post_nms_topk_train: int = 1000
-  rpn_nms_thresh: float = 0.7
-  num_classes: int = 80
-  box_head_num_conv: int = 0
-  box_head_num_fc: int = 2
-  box_head_norm: str = ""
-  box_head_conv_dim: int = 256
-  box_head_fc_dim: int = 1024
-  mask_head_norm: str = ""
-  mask_head_num_conv: int = 4
-  mask_head_conv_dim: int = 256
-  bbox_reg_weights: Tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
-  score_thresh: float = 0.05
-  nms_thresh: float = 0.5
-  detections_per_image: int = 100
-  max_candidates: int = 4000
-  mask_scoring: bool = False
-  roi_align_max_grid: int = 16
+  norm_eps: Optional[float]
+  freeze_at: int
+  fpn_norm: str
+  fpn_channels: int
+  anchor_sizes: Tuple[int, ...]
+  anchor_ratios: Tuple[float, ...]
+  anchor_strides: Tuple[int, ...]
+  rpn_num_convs: int
+  rpn_pre_nms_topk_test: int
+  rpn_post_nms_topk_test: int
+  rpn_pre_nms_topk_train: int
+  rpn_post_nms_topk_train: int
+  rpn_nms_thresh: float
+  num_classes: int
+  box_head_num_conv: int
+  box_head_num_fc: int
+  box_head_norm: str
+  box_head_conv_dim: int
+  box_head_fc_dim: int
+  mask_head_norm: str
+  mask_head_num_conv: int
+  mask_head_conv_dim: int
+  bbox_reg_weights: Tuple[float, ...]
+  score_thresh: float
+  nms_thresh: float
+  detections_per_image: int
+  max_candidates: int
+  mask_scoring: bool
+  roi_align_max_grid: int
   # FPN level of a RoI: P4 at sqrt(area) = this (detectron2 / torchvision ROIPooler
-  # canonical_box_size; mmdet finest_scale = a quarter of it). 224 in every reference.
-  roi_canonical_box_size: float = 224.0
+  # canonical_box_size; mmdet finest_scale = a quarter of it).
+  roi_canonical_box_size: float
   # Batched NMS: the coordinate-offset trick up to this many boxes per call; -1 = the
   # convention's rule (conventions.Convention.nms_trick_max_boxes).
-  nms_trick_max_boxes: int = -1
+  nms_trick_max_boxes: int
   # config.kernels.roi_align: 'auto' | 'reference' | 'pallas' | 'interpret' (pallas_kernels/README.md).
-  roi_align_impl: str = "auto"
+  roi_align_impl: str
 
   def __post_init__(self):
     if self.norm_eps is None:  # no checkpoint decided it: the convention's default
@@ -94,32 +107,36 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
-    """Reads config.model and config.convention; unknown keys are an error (typos)."""
+    """Reads config.model, config.convention and config.kernels.roi_align.
+
+    A field the config lacks takes its `config_lib.defaults()` value; unknown model.* keys are an
+    error (typos).
+    """
     fields = {f.name for f in dataclasses.fields(cls)}
-    values = {"convention": config.convention}
-    for key, value in config.model.items():
-      if key in ("pixel_mean", "pixel_std", "to_rgb", "input_scale"):
-        continue  # host-side preprocessing
-      if key == "dtype":
-        continue  # compute dtype: the trainer casts the image (training/train_state.py)
-      if key == "backbone_init":
-        continue  # the ImageNet file training starts from (training/checkpointing.py)
-      if key not in fields:
-        raise errors.ConfigError(f"unknown config key model.{key}; valid keys: {sorted(fields)}")
-      values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    defaults = config_lib.defaults()
+    values: Dict[str, Any] = {}
+    for source in (defaults.model, config.model):
+      for key, value in source.items():
+        if key in _HOST_KEYS:
+          continue
+        if key not in fields:
+          raise errors.ConfigError(
+              f"unknown config key model.{key}; valid keys: {sorted(fields)}")
+        values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    values["convention"] = config.convention
     conventions_lib.get(values["convention"])  # validates the name
-    if values.get("arch", "FPN") not in ARCHS:
+    if values["arch"] not in ARCHS:
       raise errors.ConfigError(f"model.arch must be one of {ARCHS}, got {values['arch']!r}")
-    if values.get("arch", "FPN") != "FPN" and values.get("mask_scoring", False):
+    if values["arch"] != "FPN" and values["mask_scoring"]:
       raise errors.ConfigError(
           "model.mask_scoring (the MaskIoU head) is implemented for arch 'FPN' only")
-    if float(values.get("roi_canonical_box_size", 224.0)) <= 0:
+    if float(values["roi_canonical_box_size"]) <= 0:
       raise errors.ConfigError(
           "model.roi_canonical_box_size must be > 0, got "
           f"{values['roi_canonical_box_size']!r}")
     kernels = config.get("kernels", None)
-    if kernels is not None and kernels.get("roi_align", None):
-      values["roi_align_impl"] = str(kernels.roi_align)
+    roi_align = kernels.get("roi_align", None) if kernels is not None else None
+    values["roi_align_impl"] = str(roi_align or defaults.kernels.roi_align)
     return cls(**values)
 
   @property
@@ -178,9 +195,13 @@ class ModelConfig:
 
 # ---- training helpers (used by MaskRCNN.losses) ----
 
-# parity_spec 4.1: RPN 256 anchors per image, half positive; R-CNN 512 RoIs per image, 25 %.
-RPN_BATCH_PER_IMAGE, RPN_POSITIVE_FRACTION = 256, 0.5
-ROI_BATCH_PER_IMAGE, ROI_POSITIVE_FRACTION = 512, 0.25
+# The samplers' defaults (parity_spec 4.1: RPN 256 anchors per image, half positive; R-CNN 512
+# RoIs per image, 25 %), config_lib.train_config's values: `MaskRCNN.losses` keyword defaults.
+_TRAIN_DEFAULTS = config_lib.defaults().train
+RPN_BATCH_PER_IMAGE = int(_TRAIN_DEFAULTS.rpn_batch_per_image)
+RPN_POSITIVE_FRACTION = float(_TRAIN_DEFAULTS.rpn_positive_fraction)
+ROI_BATCH_PER_IMAGE = int(_TRAIN_DEFAULTS.roi_batch_per_image)
+ROI_POSITIVE_FRACTION = float(_TRAIN_DEFAULTS.roi_positive_fraction)
 
 
 class MaskRCNN(nn.Module):

@@ -18,10 +18,11 @@ FMAs; `fma_f32` reproduces those roundings exactly.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import numpy as np
 
+from maskrcnn_jax import conventions as conventions_lib
 from maskrcnn_jax.ops.resample import (bilinear_from_indices, fma_f32, linear_source_indices,
                                        torch_bilinear_kernel)
 
@@ -239,6 +240,16 @@ def _tv_interpolate_subset(x: np.ndarray, out_hw: Tuple[int, int], rows: np.ndar
   h_idx = tuple(v[rows] for v in linear_source_indices(x.shape[0], oh))
   w_idx = tuple(v[cols] for v in linear_source_indices(x.shape[1], ow))
   return bilinear_from_indices(x[None], h_idx, w_idx, kernel)[0]
+
+
+def convention_args(convention: Union[str, conventions_lib.Convention]) -> Dict[str, Any]:
+  """A convention's paste rule as `paste_mask` / `paste_masks` / `paste_device.dispatch` keyword
+  arguments (parity_spec 3.13): method (str: 'grid_sample' for mmdet / detectron2, 'tv_legacy'
+  for torchvision), threshold (float, 0.5 in all three) and inclusive (bool: >= 0.5 for mmdet /
+  detectron2, torchvision's > 0.5). Every paste of a convention's masks reads it here."""
+  conv = (convention if isinstance(convention, conventions_lib.Convention)
+          else conventions_lib.get(convention))
+  return dict(method=conv.paste, threshold=0.5, inclusive=bool(conv.mask_threshold_inclusive))
 
 
 def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: Sequence[int], *,

@@ -43,6 +43,14 @@ def test_deterministic_bytes(generated, tmp_path):
   assert _tree_bytes(c["root"])["train/000001.png"] != a["train/000001.png"]
 
 
+def test_from_config(generated):
+  """config.data.builtin (the train and evaluate CLIs' data set) -> the same cached dataset."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(data=dict(builtin=dict(
+      cache_dir=os.path.dirname(generated["root"]), **ARGS))))
+  assert builtin.from_config(config) == generated
+
+
 def test_paths_and_env_override(tmp_path, monkeypatch):
   monkeypatch.setenv(builtin.ENV_VAR, str(tmp_path))
   assert builtin.default_root() == str(tmp_path)

@@ -102,19 +102,6 @@ def test_batch_contents(ds):
   assert np.all((hw >= 40) & (hw <= 56))
 
 
-def test_eval_batches(tmp_path_factory, ds):
-  cfg = _config()
-  cfg.data.test_short = 48
-  cfg.data.test_max_size = 64
-  seen = []
-  for p in range(2):
-    for batch in loader.eval_batches(ds, cfg, batch_size=4, process_index=p, process_count=2,
-                                     num_workers=0):
-      assert batch["image"].shape == (4, 64, 64, 3)
-      seen += batch["image_id"][batch["example_valid"]].tolist()
-  assert seen == ds.image_ids
-
-
 # A dataset of landscape (32 x 48), portrait (48 x 32) and square (40 x 40) images. Image 2's file
 # is not an image; image 5's polygon holds a string (a bad annotation the json check lets through).
 LANDSCAPE = [i for i in range(1, 25) if i % 5 in (1, 2, 4)]

@@ -229,19 +229,27 @@ def test_determinism(dataset_files):
   assert len(outs) > 1
 
 
-def test_eval_example_is_preprocess(dataset_files):
+def test_evaluation_images_are_preprocess(dataset_files):
+  """Evaluation's input path (evaluator.plan_batches + host.load_image with
+  transforms.preprocess_kwargs): `transforms.preprocess` with the test sizes, padded to the batch's
+  size (a multiple of size_divisibility)."""
+  from maskrcnn_jax.evaluation import evaluator, host  # pylint: disable=g-import-not-at-top
   ds = coco.CocoDataset(*dataset_files, convention="detectron2")
   cfg = _config("detectron2")
-  ex = pipeline.eval_example(ds, 7, cfg)
+  resized = transforms.test_resize_size(H, W, rule="detectron2", short=2 * H, max_size=1000)
+  image = evaluator.EvalImage(7, ds.image_path(7), (H, W), resized)
+  (batch,) = evaluator.plan_batches([image], 1, cfg.data.size_divisibility)
+  assert batch.padded_hw == (96, 128)  # padded to a multiple of 32
+  kwargs = transforms.preprocess_kwargs(cfg)
+  ex = host.load_image(image.path, kwargs, batch.padded_hw, expected_hw=(H, W))
   want = transforms.preprocess(ds.read_image(7), convention="detectron2",
                                pixel_mean=cfg.model.pixel_mean, pixel_std=cfg.model.pixel_std,
                                to_rgb=cfg.model.to_rgb, short=2 * H, max_size=1000)
   np.testing.assert_array_equal(ex["image"], want["image"])
-  assert ex["image_hw"].tolist() == [2 * H, 2 * W] and ex["orig_hw"].tolist() == [H, W]
+  assert tuple(ex["image_hw"]) == (2 * H, 2 * W) and tuple(ex["orig_hw"]) == (H, W)
   np.testing.assert_array_equal(ex["scale_factor"], want["scale_factor"])
-  assert ex["image"].shape == (96, 128, 3)  # padded to a multiple of 32
-  padded = pipeline.eval_example(ds, 7, cfg, pad_to=(128, 128))
-  assert padded["image"].shape == (128, 128, 3)
+  assert ex["image"].shape == (96, 128, 3)
+  assert host.load_image(image.path, kwargs, (128, 128))["image"].shape == (128, 128, 3)
 
 
 @pytest.mark.parametrize("convention,pixel", [("mmdet", config_lib.PYTORCH_RGB),

@@ -256,7 +256,7 @@ def test_paste_and_encode_equals_full_image_path(convention):
   assert conventions.get(convention).name == convention
 
 
-def test_preprocess_kwargs_match_inference(tmp_path):
+def test_host_load_image_matches_inference(tmp_path):
   from maskrcnn_jax import inference  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -267,11 +267,11 @@ def test_preprocess_kwargs_match_inference(tmp_path):
     config.data.test_short, config.data.test_max_size = 64, 100
     from maskrcnn_jax.data import transforms  # pylint: disable=g-import-not-at-top
     ref = inference.preprocess_image(transforms.read_image(path, convention=convention), config)
-    got = host.load_image(path, host.preprocess_kwargs(config), ref["image"].shape[:2],
+    got = host.load_image(path, transforms.preprocess_kwargs(config), ref["image"].shape[:2],
                           expected_hw=(45, 70))
     np.testing.assert_array_equal(got["image"], ref["image"])
     assert got["image_hw"] == ref["image_hw"] and got["orig_hw"] == ref["orig_hw"]
     np.testing.assert_array_equal(got["scale_factor"], ref["scale_factor"])
     with pytest.raises(host.ImageSizeMismatchError, match="x.png"):
-      host.load_image(path, host.preprocess_kwargs(config), ref["image"].shape[:2],
+      host.load_image(path, transforms.preprocess_kwargs(config), ref["image"].shape[:2],
                       expected_hw=(70, 45))

@@ -164,3 +164,12 @@ def test_tv_window_subset_matches_full_interpolation():
   full = transforms.torch_upsample_bilinear(np.pad(mask, 1)[None], (h, w))[0]
   np.testing.assert_array_equal(soft, full[y0 - b[1]:y0 - b[1] + soft.shape[0],
                                            x0 - b[0]:x0 - b[0] + soft.shape[1]])
+
+
+def test_convention_args_are_the_references_rules():
+  """One place decides each convention's paste algorithm and threshold (parity_spec 3.13)."""
+  assert paste.convention_args("mmdet") == dict(method="grid_sample", threshold=0.5, inclusive=True)
+  assert paste.convention_args("detectron2") == dict(method="grid_sample", threshold=0.5,
+                                                     inclusive=True)
+  assert paste.convention_args("torchvision") == dict(method="tv_legacy", threshold=0.5,
+                                                      inclusive=False)

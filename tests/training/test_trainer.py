@@ -151,6 +151,34 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, cache_dir
   assert all(np.isfinite(v).all() for v in losses.values())
 
 
+def test_missing_evaluation_dependency_is_an_error(tmp_path, cache_dir, monkeypatch):
+  """A run that would evaluate fails before training, naming the package that does not import and
+  how to install it (it used to skip the evaluation with a log line)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from maskrcnn_jax import errors  # pylint: disable=g-import-not-at-top
+  real_import = importlib.import_module
+
+  def no_pycocotools(name, *args, **kwargs):
+    if name == "maskrcnn_jax.evaluation.evaluator":
+      raise ModuleNotFoundError("No module named 'pycocotools'", name="pycocotools")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(importlib, "import_module", no_pycocotools)
+  config = tiny.tiny_config(cache_dir, steps=2)
+  config.train.final_eval = True
+  with pytest.raises(errors.MissingDependencyError, match="pycocotools") as e:
+    _run(config, str(tmp_path))
+  assert "pip install pycocotools" in str(e.value)
+  assert not (tmp_path / "checkpoints").exists()  # nothing trained
+  with_val = tiny.tiny_config(cache_dir)
+  with_val.data.val_json = str(tmp_path / "val.json")
+  with pytest.raises(errors.MissingDependencyError, match="pip install pycocotools"):
+    trainer.run_evaluation(with_val, {}, workdir=None)
+  # A run that does not evaluate does not need the package.
+  config.train.final_eval = False
+  assert _run(config, str(tmp_path))["step"] == 2
+
+
 def test_workdir_files(tmp_path, cache_dir):
   config = tiny.tiny_config(cache_dir, steps=3)
   _run(config, str(tmp_path))
