@@ -41,7 +41,7 @@ def _shape_hints(shape_errors: list[tuple[tuple[str, ...], tuple, tuple]]) -> li
     if path[1] == 'box_predictor' and path[2] == 'cls_score' and path[-1] == 'kernel':
       hints.append(f'{_fmt_path(path)} has {got[1]} classes, the model {want[1]}: a checkpoint '
                    'trained on another dataset or another framework\'s class layout '
-                   '(set ModelSpec(num_classes=...))')
+                   '(set model.num_classes)')
   return hints
 
 
@@ -57,7 +57,7 @@ def _diagnose(*, framework: str | None, spec: ModelSpec | None, unmatched: list[
     guess = guess_framework({k: None for k in unmatched})
     if guess not in ('unknown', framework) and len(unmatched) * 2 >= max(1, len(keys)):
       hints.append(f'the keys look like a {guess} state dict, not {framework} '
-                   f"(e.g. {unmatched[0]}): pass framework='{guess}'")
+                   f"(e.g. {unmatched[0]}): use a {guess} recipe (convention '{guess}')")
       return hints
   hints += _shape_hints(shape_errors)
   if framework is None or spec is None:
@@ -79,7 +79,7 @@ def _diagnose(*, framework: str | None, spec: ModelSpec | None, unmatched: list[
     depth_guess = _DEPTH_FROM_STAGE4_BLOCKS.get(counts.get(2, spec.blocks[2]))
     guess = f' — is it a ResNet-{depth_guess} checkpoint?' if depth_guess else ''
     hints.append(f'unexpected key {extra[0][0]}: the checkpoint has more blocks than {depth_name}'
-                 f'{guess} (set ModelSpec(depth=...) to match)')
+                 f'{guess} (set model.depth to match)')
   missing_blocks = {}
   for path in missing:
     if len(path) > 2 and path[1] == 'backbone' and path[2].startswith('res'):
@@ -106,10 +106,10 @@ def _diagnose(*, framework: str | None, spec: ModelSpec | None, unmatched: list[
   iou_keys = [k for k in unmatched if 'mask_iou_head.' in k]
   if iou_keys and not spec.has_maskiou:
     hints.append(f'unexpected key {iou_keys[0]}: the checkpoint has a MaskIoU head — is it a '
-                 'Mask Scoring R-CNN checkpoint? (set ModelSpec(has_maskiou=True))')
+                 'Mask Scoring R-CNN checkpoint? (use an ms_rcnn recipe: model.mask_scoring=True)')
   if spec.has_maskiou and head_missing('maskiou_head'):
     hints.append('the checkpoint has no MaskIoU-head keys — is it a plain Mask R-CNN checkpoint? '
-                 '(set ModelSpec(has_maskiou=False))')
+                 '(model.mask_scoring=False)')
   if framework == 'detectron2':
     arch_guess = _infer_arch({k: None for k in keys}, framework)
     if arch_guess != spec.arch and unmatched:
@@ -124,10 +124,12 @@ def _diagnose(*, framework: str | None, spec: ModelSpec | None, unmatched: list[
                   if k.startswith(('roi_heads.box_head.fc6', 'roi_heads.box_head.fc7'))]
     if v2_markers and not spec.torchvision_v2:
       hints.append(f'unexpected key {v2_markers[0]}: is it a torchvision v2 '
-                   '(maskrcnn_resnet50_fpn_v2) checkpoint? (set ModelSpec(torchvision_v2=True))')
+                   '(maskrcnn_resnet50_fpn_v2) checkpoint? (use '
+                   'configs/torchvision/maskrcnn_resnet50_fpn_v2.py)')
     if v1_markers and spec.torchvision_v2:
       hints.append(f'unexpected key {v1_markers[0]}: is it a torchvision v1 '
-                   '(maskrcnn_resnet50_fpn) checkpoint? (set ModelSpec(torchvision_v2=False))')
+                   '(maskrcnn_resnet50_fpn) checkpoint? (use '
+                   'configs/torchvision/maskrcnn_resnet50_fpn.py)')
   return hints
 
 

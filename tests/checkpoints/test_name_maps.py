@@ -480,7 +480,7 @@ def test_torchvision_v2_checkpoint_for_v1_spec_and_back():
 def test_wrong_framework():
   msg = _mismatch(zeros_state('detectron2_mask_rcnn_R_50_FPN_3x'), 'mmdet', nm.ModelSpec())
   assert "the keys look like a detectron2 state dict, not mmdet" in msg
-  assert "pass framework='detectron2'" in msg
+  assert "use a detectron2 recipe (convention 'detectron2')" in msg
 
 
 def test_mmdet_v1_checkpoint_is_rejected():
