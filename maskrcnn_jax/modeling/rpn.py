@@ -89,9 +89,9 @@ class RPN(nn.Module):
       return None
     pad = (jnp.asarray(image_hw, jnp.int32) + d - 1) // d * d  # [N, 2]
     per_level = []
-    for name, stride in zip(self.cfg.feature_names, self._level_strides()):
+    for name, stride in zip(self.cfg.feature_names, self.cfg.feature_strides):
       h, w = feats[name].shape[1:3]
-      a = self.head.num_anchors
+      a = self.cfg.num_anchors
       # Anchor order (y * W + x) * A + a (`image_anchors`): static row / column of each anchor.
       ys = jnp.asarray(np.repeat(np.arange(h), w * a), jnp.int32)
       xs = jnp.asarray(np.tile(np.repeat(np.arange(w), a), h), jnp.int32)
@@ -99,10 +99,6 @@ class RPN(nn.Module):
       valid_w = (pad[:, 1:] + stride - 1) // stride
       per_level.append((ys[None] < valid_h) & (xs[None] < valid_w))
     return jnp.concatenate(per_level, axis=1)
-
-  def _level_strides(self) -> tuple[int, ...]:
-    """The anchor stride of each level of `cfg.feature_names` (P6: 64)."""
-    return tuple(self.cfg.anchor_strides) if self.cfg.arch == "FPN" else self.cfg.feature_strides
 
   def __call__(self, feats: Mapping[str, jax.Array], image_hw: jax.Array):
     """Test-time proposals: boxes [N, P, 4], scores [N, P], valid [N, P] bool (P =
